@@ -1,0 +1,214 @@
+"""The model configuration: `config.json` of the release (root + `text_config`), validated.
+
+Everything the forward pass needs is resolved here once, per layer where the two attention types
+differ (head dim, KV heads, RoPE). See docs/architecture.md and shared/reference/architecture.md §1.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MinidiffError
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+FINAL_LOGIT_SOFTCAP = 30.0  # a class attribute in the reference, never written to config.json
+
+
+@dataclass
+class LayerConfig:
+    """What differs between a sliding and a full attention layer."""
+    kind: str            # SLIDING or FULL
+    head_dim: int        # 256 sliding / 512 full in the release
+    num_kv_heads: int    # 8 sliding / 2 full in the release
+    inv_freq: np.ndarray  # [head_dim // 2] float32 RoPE inverse frequencies (zeros = dims that do not rotate)
+
+    @property
+    def is_sliding(self) -> bool:
+        return self.kind == SLIDING
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int          # dense MLP width (also the self-conditioning MLP)
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_experts: int
+    top_k_experts: int
+    moe_intermediate_size: int      # per-expert width
+    sliding_window: int             # W: an encoder query sees W keys including itself
+    rms_norm_eps: float
+    canvas_length: int              # C: tokens denoised together (256 in the release)
+    max_position_embeddings: int
+    layers: list[LayerConfig]
+    bos_token_id: int = 2
+    pad_token_id: int = 0
+    eos_token_ids: list[int] = field(default_factory=lambda: [1])
+    final_logit_softcapping: float = FINAL_LOGIT_SOFTCAP
+    quantization_config: dict | None = None
+
+    @property
+    def layer_types(self) -> list[str]:
+        return [layer.kind for layer in self.layers]
+
+
+# ----------------------------------------------------------------------------------------------
+# RoPE inverse frequencies
+
+
+def rope_inv_freq(params: dict, head_dim: int, where: str) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2] for one layer type.
+
+    default:      inv_freq[i] = theta^(-2i/head_dim), every pair rotates.
+    proportional: the first n_rot = int(factor * head_dim // 2) pairs use theta^(-2i/head_dim) (the
+                  denominator is the FULL head dim), the remaining pairs get 0 and pass through.
+    """
+    rope_type = params.get("rope_type", "default")
+    theta = _num(params, "rope_theta", where, lo=1.0)
+    i = np.arange(0, head_dim, 2, dtype=np.float32)                      # [hd/2] even dim indices 2i
+    if rope_type == "default":
+        factor = float(params.get("partial_rotary_factor", 1.0))
+        dim = int(head_dim * factor)
+        j = np.arange(0, dim, 2, dtype=np.float32)
+        inv = (1.0 / (theta ** (j / dim))).astype(np.float32)
+        return np.concatenate([inv, np.zeros(head_dim // 2 - inv.size, np.float32)])
+    if rope_type == "proportional":
+        factor = _num(params, "partial_rotary_factor", where, lo=0.0, hi=1.0)
+        n_rot = int(factor * head_dim // 2)
+        inv = (1.0 / (theta ** (i / head_dim))).astype(np.float32)
+        inv[n_rot:] = 0.0
+        return inv
+    raise MinidiffError(f"{where}.rope_type: unsupported value {rope_type!r} (expected 'default' or 'proportional')")
+
+
+# ----------------------------------------------------------------------------------------------
+# parsing and validation
+
+
+def _get(d: dict, key: str, where: str):
+    if key not in d or d[key] is None:
+        raise MinidiffError(f"config.json: missing field {where}.{key}")
+    return d[key]
+
+
+def _num(d: dict, key: str, where: str, lo=None, hi=None, integer=False, default=None):
+    if default is not None and d.get(key) is None:
+        return default
+    v = _get(d, key, where)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+        kind = "an integer" if integer else "a number"
+        raise MinidiffError(f"config.json: field {where}.{key} must be {kind}, got {v!r}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        raise MinidiffError(f"config.json: field {where}.{key} = {v} is out of range [{lo}, {hi}]")
+    return v
+
+
+def _int(d, key, where, lo=1, hi=None, default=None):
+    return _num(d, key, where, lo=lo, hi=hi, integer=True, default=default)
+
+
+def parse_config(root: dict) -> ModelConfig:
+    """Validate a parsed config.json (root dict) and resolve it into a `ModelConfig`."""
+    if not isinstance(root, dict):
+        raise MinidiffError("config.json: top level must be a JSON object")
+    mt = root.get("model_type")
+    if mt is not None and mt not in ("diffusion_gemma", "diffusion_gemma_text"):
+        raise MinidiffError(f"config.json: model_type {mt!r} is not 'diffusion_gemma'")
+    tc = root.get("text_config", root if mt == "diffusion_gemma_text" else None)
+    if not isinstance(tc, dict):
+        raise MinidiffError("config.json: missing field text_config")
+    w = "text_config"
+
+    n_layers = _int(tc, "num_hidden_layers", w)
+    hidden = _int(tc, "hidden_size", w)
+    n_heads = _int(tc, "num_attention_heads", w)
+    head_dim = _int(tc, "head_dim", w)
+    n_kv = _int(tc, "num_key_value_heads", w)
+    if n_heads % n_kv:
+        raise MinidiffError(f"config.json: {w}.num_attention_heads ({n_heads}) is not a multiple of num_key_value_heads ({n_kv})")
+    if tc.get("use_bidirectional_attention") == "all":
+        raise MinidiffError("config.json: use_bidirectional_attention='all' is not supported (the release uses 'vision')")
+    act = tc.get("hidden_activation", "gelu_pytorch_tanh")
+    if act != "gelu_pytorch_tanh":
+        raise MinidiffError(f"config.json: {w}.hidden_activation {act!r} is not supported (expected 'gelu_pytorch_tanh')")
+    if tc.get("attention_bias"):
+        raise MinidiffError(f"config.json: {w}.attention_bias=true is not supported")
+
+    layer_types = tc.get("layer_types")
+    if layer_types is None:  # the reference's default pattern: every 6th layer is full
+        layer_types = [FULL if (i + 1) % 6 == 0 else SLIDING for i in range(n_layers)]
+    if not isinstance(layer_types, list) or len(layer_types) != n_layers or any(t not in (SLIDING, FULL) for t in layer_types):
+        raise MinidiffError(f"config.json: {w}.layer_types must list {n_layers} entries of "
+                            f"'{SLIDING}' / '{FULL}'")
+    layer_types = list(layer_types)
+    layer_types[-1] = FULL  # the reference forces the last layer to full attention
+
+    # Per-layer overrides: a saved HF config has `per_layer_config` {idx: {head_dim, num_key_value_heads}};
+    # the release's config.json names them `global_head_dim` / `num_global_key_value_heads`.
+    per_layer = tc.get("per_layer_config")
+    if per_layer is None:
+        g = {"head_dim": _int(tc, "global_head_dim", w, default=512)}
+        if tc.get("num_global_key_value_heads") is not None:
+            g["num_key_value_heads"] = _int(tc, "num_global_key_value_heads", w)
+        per_layer = {str(i): g for i, t in enumerate(layer_types) if t == FULL}
+    if not isinstance(per_layer, dict):
+        raise MinidiffError(f"config.json: {w}.per_layer_config must be an object")
+
+    rope = _get(tc, "rope_parameters", w)
+    layers = []
+    for i, kind in enumerate(layer_types):
+        o = per_layer.get(str(i), per_layer.get(i, {})) or {}
+        lw = f"{w}.per_layer_config.{i}"
+        hd = _int(o, "head_dim", lw, default=head_dim)
+        kv = _int(o, "num_key_value_heads", lw, default=n_kv)
+        if hd % 2 or n_heads % kv:
+            raise MinidiffError(f"config.json: layer {i}: head_dim {hd} must be even and num_attention_heads "
+                                f"({n_heads}) a multiple of num_key_value_heads ({kv})")
+        rp = rope.get(kind) if isinstance(rope, dict) else None
+        if not isinstance(rp, dict):
+            raise MinidiffError(f"config.json: missing field {w}.rope_parameters.{kind}")
+        layers.append(LayerConfig(kind, hd, kv, rope_inv_freq(rp, hd, f"{w}.rope_parameters.{kind}")))
+
+    eos = root.get("eos_token_id", tc.get("eos_token_id", 1))
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    vocab = _int(tc, "vocab_size", w)
+    for tok in eos:
+        if not isinstance(tok, int) or not 0 <= tok < vocab:
+            raise MinidiffError(f"config.json: eos_token_id {tok!r} is outside the vocabulary [0, {vocab})")
+    num_experts = _int(tc, "num_experts", w)
+    return ModelConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=_int(tc, "intermediate_size", w),
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_experts=num_experts,
+        top_k_experts=_int(tc, "top_k_experts", w, hi=num_experts),
+        moe_intermediate_size=_int(tc, "moe_intermediate_size", w),
+        sliding_window=_int(tc, "sliding_window", w, lo=2),
+        rms_norm_eps=float(_num(tc, "rms_norm_eps", w, lo=0.0, hi=1.0, default=1e-6)),
+        canvas_length=_int(root, "canvas_length", "root", default=256),
+        max_position_embeddings=_int(tc, "max_position_embeddings", w, default=262144),
+        layers=layers,
+        bos_token_id=_int(tc, "bos_token_id", w, lo=0, default=2),
+        pad_token_id=_int(tc, "pad_token_id", w, lo=0, default=0),
+        eos_token_ids=eos,
+        quantization_config=root.get("quantization_config"),
+    )
+
+
+def load_config(folder: Path) -> ModelConfig:
+    """Read and validate `folder/config.json`."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise MinidiffError(f"{folder}: no config.json (is this a DiffusionGemma model folder?)")
+    try:
+        root = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MinidiffError(f"{path}: not valid JSON ({e})")
+    return parse_config(root)

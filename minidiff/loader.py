@@ -1,0 +1,48 @@
+"""`minidiff.load`: a model folder, a Hugging Face hub id, or the embedded default model -> `Model`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .backend import get_xp
+from .config import load_config
+from .errors import MinidiffError
+from .model import Model
+from .weights import load_text_weights, open_checkpoint
+
+DEFAULT_MODEL = Path(__file__).parent / "default_model"
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+
+
+def resolve(path_or_hub_id=None) -> Path:
+    """A local folder for `path_or_hub_id` (None = the embedded default model).
+
+    Anything that is not an existing folder is treated as a hub id and fetched (text files and
+    safetensors only) through huggingface_hub, which honours HF_HOME and HF_HUB_OFFLINE=1.
+    """
+    if path_or_hub_id is None:
+        if not (DEFAULT_MODEL / "config.json").is_file():
+            raise MinidiffError(f"the embedded default model is missing from {DEFAULT_MODEL}")
+        return DEFAULT_MODEL
+    p = Path(path_or_hub_id).expanduser()
+    if p.is_dir():
+        return p
+    s = str(path_or_hub_id)
+    if p.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
+        raise MinidiffError(f"{s}: not a model folder (and not a hub id of the form 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(repo_id=s, allow_patterns=HUB_FILES))
+    except Exception as e:  # offline, unknown repo, gated, network...
+        raise MinidiffError(f"{s}: could not fetch from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+
+
+def load(path_or_hub_id=None, device: str = "cpu") -> Model:
+    """Load DiffusionGemma text weights (float32) from a folder or hub id; None = embedded default model."""
+    folder = resolve(path_or_hub_id)
+    xp = get_xp(device)
+    cfg = load_config(folder)
+    weights = load_text_weights(open_checkpoint(folder), cfg)
+    if xp.__name__ != "numpy":
+        weights = {k: (xp.asarray(v.dequantize() if hasattr(v, "dequantize") else v)) for k, v in weights.items()}
+    return Model(cfg, weights, folder=folder, xp=xp)

@@ -1,0 +1,315 @@
+"""The DiffusionGemma text model: embed -> layers -> head, in two modes over one set of weights.
+
+    encode(ids, cache)   causal pass; appends each layer's K/V to the cache (prompt prefill, canvas commit)
+    denoise(canvas, cache, sc_logits)
+                         bidirectional pass over cache + canvas; reads the cache, never writes it;
+                         returns softcapped float32 logits [C, V]
+
+Read top to bottom: the ops (one small function each), then one layer, then the two modes.
+Every array op goes through `xp` (NumPy or CuPy). Shapes use
+    T tokens in this call, S keys (cached + new), H hidden, V vocab, E experts, k experts per token,
+    nh query heads, nkv key/value heads, hd head dim, rep = nh // nkv.
+Spec: shared/reference/architecture.md (section numbers below refer to it).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import MinidiffError
+from .weights import DEC, ENC
+
+# ----------------------------------------------------------------------------------------------
+# ops (§2.1, §2.3)
+
+
+def rms_norm(xp, x, w=None, eps=1e-6):
+    """Gemma 4 RMSNorm: x / sqrt(mean(x²) + eps), times w (NOT 1 + w) when the norm has a weight."""
+    y = x * (xp.mean(x * x, axis=-1, keepdims=True) + eps) ** -0.5
+    return y * w if w is not None else y
+
+
+def gelu_tanh(xp, x):
+    """GELU, tanh approximation (`gelu_pytorch_tanh`)."""
+    return 0.5 * x * (1.0 + xp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x * x * x)))
+
+
+def softmax(xp, x, axis=-1):
+    x = x - x.max(axis=axis, keepdims=True)
+    e = xp.exp(x)
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def rope(xp, x, positions, inv_freq):
+    """Rotate x [T, n, hd] by its positions [T] ("rotate_half" layout: dim i pairs with i + hd/2).
+
+    inv_freq [hd/2] is zero for the pairs that do not rotate (the full layers' proportional RoPE).
+    """
+    ang = positions.astype(xp.float32)[:, None] * inv_freq[None, :]   # [T, hd/2]
+    cos = xp.cos(xp.concatenate([ang, ang], axis=-1))[:, None, :]      # [T, 1, hd]
+    sin = xp.sin(xp.concatenate([ang, ang], axis=-1))[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # rotate_half(x)
+    return x * cos + rotated * sin
+
+
+def attention(xp, q, k, v, mask=None):
+    """Scaled-by-1.0 dot-product attention with grouped KV heads.
+
+    q [T, nh, hd], k/v [S, nkv, hd], mask [T, S] bool (True = may attend) or None -> [T, nh * hd].
+    KV head j serves query heads j*rep ... j*rep + rep - 1.
+    """
+    T, nh, hd = q.shape
+    nkv = k.shape[1]
+    qg = q.reshape(T, nkv, nh // nkv, hd).transpose(1, 2, 0, 3)        # [nkv, rep, T, hd]
+    kt = k.transpose(1, 2, 0)[:, None]                                 # [nkv, 1, hd, S]
+    scores = qg @ kt                                                   # [nkv, rep, T, S]  (scale 1.0, no softcap)
+    if mask is not None:
+        scores = xp.where(mask, scores, -xp.inf)
+    p = softmax(xp, scores)
+    o = p @ v.transpose(1, 0, 2)[:, None]                              # [nkv, rep, T, hd]
+    return o.transpose(2, 0, 1, 3).reshape(T, nh * hd)                 # head-major concat
+
+
+def dense(W):
+    """A weight as a plain float32 array: packed (int4/NVFP4) or lazily converted tensors expand here."""
+    return W.dequantize() if hasattr(W, "dequantize") else W
+
+
+def linear(x, W):
+    """y = x @ Wᵀ for a PyTorch-layout weight W [out, in]."""
+    return x @ dense(W).T
+
+
+def mlp(xp, x, gate, up, down):
+    """GeGLU MLP: down(gelu_tanh(gate(x)) * up(x))."""
+    return linear(gelu_tanh(xp, linear(x, gate)) * linear(x, up), down)
+
+
+def route(xp, res, w, cfg: ModelConfig):
+    """The router (§2.2): reads the RAW residual res [T, H] -> expert ids [T, k], weights [T, k].
+
+    no-scale RMSNorm, × learned scale × H^-1/2, project to E logits, softmax over all E, keep the top k,
+    renormalise them to sum 1, then × the chosen experts' per_expert_scale.
+    """
+    r = rms_norm(xp, res, eps=cfg.rms_norm_eps) * w["router.scale"] * cfg.hidden_size ** -0.5
+    probs = softmax(xp, linear(r, w["router.proj.weight"]))           # [T, E]
+    k = cfg.top_k_experts
+    idx = xp.argsort(-probs, axis=-1, kind="stable")[:, :k]           # [T, k] highest probability first
+    top = xp.take_along_axis(probs, idx, axis=-1)                      # [T, k]
+    top = top / top.sum(axis=-1, keepdims=True)
+    return idx, top * w["router.per_expert_scale"][idx]
+
+
+def experts(xp, x, idx, weight, gate_up, down):
+    """Routed experts, computed by grouping tokens per expert (one batched GEMM, no per-token loop).
+
+    x [T, H] (pre_feedforward_layernorm_2 output), idx/weight [T, k], gate_up [E, 2Ie, H] (rows :Ie gate,
+    Ie: up), down [E, H, Ie]  ->  [T, H] = sum over the k chosen experts of weight · expert(x).
+
+    The T·k (token, expert) assignments are sorted by expert and scattered into a padded batch
+    X [E, M, H] (M = the busiest expert's count), so every expert's tokens go through its weights in
+    one stacked matmul.
+    """
+    T, k = idx.shape
+    gate_up, down = dense(gate_up), dense(down)
+    E, two_ie, H = gate_up.shape
+    flat = idx.reshape(-1)                                             # [T*k] expert of each assignment
+    order = xp.argsort(flat, kind="stable")                           # assignments grouped by expert
+    e_of = flat[order]                                                 # [T*k] sorted expert ids
+    counts = xp.bincount(flat, minlength=E)                            # [E]
+    slot = xp.arange(T * k) - (xp.cumsum(counts) - counts)[e_of]      # row within the expert's group
+    M = int(counts.max())
+    X = xp.zeros((E, M, H), dtype=x.dtype)
+    X[e_of, slot] = x[order // k]                                      # [E, M, H]
+    gu = X @ gate_up.transpose(0, 2, 1)                                # [E, M, 2Ie]
+    act = gelu_tanh(xp, gu[..., : two_ie // 2]) * gu[..., two_ie // 2:]
+    Y = act @ down.transpose(0, 2, 1)                                  # [E, M, H]
+    y = xp.empty((T * k, H), dtype=x.dtype)
+    y[order] = Y[e_of, slot] * weight.reshape(-1)[order][:, None]      # back to (token, slot) order
+    return y.reshape(T, k, H).sum(axis=1)                              # [T, H]
+
+
+# ----------------------------------------------------------------------------------------------
+# the KV cache
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """What the encoder has written: per layer keys [S_l, nkv, hd] (post-norm, post-RoPE) and values
+    [S_l, nkv, hd] (post-v_norm). `length` counts every position ever encoded; sliding layers keep only
+    their last W-1 positions (as the reference's dynamic cache does), full layers keep all.
+    Immutable: `encode` returns a new cache and leaves the old one valid.
+    """
+    keys: tuple
+    values: tuple
+    length: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for a in self.keys + self.values))
+
+
+# ----------------------------------------------------------------------------------------------
+# the model
+
+
+class Model:
+    """DiffusionGemma text path. Build with `minidiff.load(...)`."""
+
+    def __init__(self, cfg: ModelConfig, weights: dict, folder=None, xp=np):
+        self.config, self.folder, self.xp = cfg, folder, xp
+        self.embed_scale = float(np.float32(cfg.hidden_size ** 0.5))   # fp32 buffer in an fp32 model (§6.1)
+        self.embed_tokens = weights[f"{DEC}.embed_tokens.weight"]      # [V, H], also the tied lm_head
+        self.final_norm = weights[f"{DEC}.norm.weight"]
+        self.sc = {k: weights[f"{DEC}.self_conditioning.{k}.weight"] for k in ("pre_norm", "gate_proj", "up_proj", "down_proj")}
+        self.layers = []
+        for i in range(cfg.num_hidden_layers):
+            p = f"{DEC}.layers.{i}."
+            layer = {name[len(p):]: w for name, w in weights.items() if name.startswith(p)}
+            layer["encoder_layer_scalar"] = weights[f"{ENC}.layers.{i}.layer_scalar"]
+            self.layers.append(layer)
+        self.inv_freq = [xp.asarray(layer.inv_freq) for layer in cfg.layers]
+
+    # ------------------------------------------------------------------ one layer (§2.2)
+
+    def layer(self, i: int, h, positions, past_k, past_v, key_positions, mode: str):
+        """One transformer layer. h [T, H] -> (h [T, H], k [T, nkv, hd], v [T, nkv, hd]).
+
+        past_k/past_v [P, nkv, hd] are the cached keys/values this layer may read (P may be 0);
+        key_positions [P + T] are the absolute positions of past + new keys (encoder masking only).
+        """
+        xp, cfg, w, lc = self.xp, self.config, self.layers[i], self.config.layers[i]
+        eps, T = cfg.rms_norm_eps, h.shape[0]
+
+        # ---- attention ----
+        x = rms_norm(xp, h, w["input_layernorm.weight"], eps)
+        q = linear(x, w["self_attn.q_proj.weight"]).reshape(T, -1, lc.head_dim)              # [T, nh, hd]
+        k_raw = linear(x, w["self_attn.k_proj.weight"]).reshape(T, -1, lc.head_dim)          # [T, nkv, hd]
+        v_raw = linear(x, w["self_attn.v_proj.weight"]).reshape(T, -1, lc.head_dim) if lc.is_sliding else k_raw
+        q = rope(xp, rms_norm(xp, q, w["self_attn.q_norm.weight"], eps), positions, self.inv_freq[i])
+        k = rope(xp, rms_norm(xp, k_raw, w["self_attn.k_norm.weight"], eps), positions, self.inv_freq[i])
+        v = rms_norm(xp, v_raw, eps=eps)                                                     # v_norm: no weight, no RoPE
+        keys, values = xp.concatenate([past_k, k]), xp.concatenate([past_v, v])             # [S, nkv, hd]
+        if mode == "encode":   # causal; a sliding query at p sees keys j with p - W < j <= p
+            qp, kp = positions[:, None], key_positions[None, :]
+            mask = kp <= qp
+            if lc.is_sliding:
+                mask &= kp > qp - cfg.sliding_window
+        else:                  # denoise: bidirectional over everything the cache holds + the canvas
+            mask = None
+        a = linear(attention(xp, q, keys, values, mask), w["self_attn.o_proj.weight"])
+        h = h + rms_norm(xp, a, w["post_attention_layernorm.weight"], eps)
+
+        # ---- dense MLP and routed experts in parallel, both from the same residual ----
+        res = h
+        m = mlp(xp, rms_norm(xp, res, w["pre_feedforward_layernorm.weight"], eps),
+                w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"])
+        m = rms_norm(xp, m, w["post_feedforward_layernorm_1.weight"], eps)
+        idx, weight = route(xp, res, w, cfg)
+        y = experts(xp, rms_norm(xp, res, w["pre_feedforward_layernorm_2.weight"], eps), idx, weight,
+                    w["experts.gate_up_proj"], w["experts.down_proj"])
+        y = rms_norm(xp, y, w["post_feedforward_layernorm_2.weight"], eps)
+        h = res + rms_norm(xp, m + y, w["post_feedforward_layernorm.weight"], eps)
+        scalar = w["encoder_layer_scalar"] if mode == "encode" else w["layer_scalar"]
+        return h * scalar, k, v                                        # layer_scalar scales the whole stream
+
+    # ------------------------------------------------------------------ input checks
+
+    def _ids(self, ids, what):
+        xp, V = self.xp, self.config.vocab_size
+        try:
+            a = np.asarray(ids.get() if hasattr(ids, "get") else ids)
+        except (TypeError, ValueError):
+            raise MinidiffError(f"{what}: expected a 1-D sequence of token ids")
+        if a.ndim != 1 or a.size == 0 or not (np.issubdtype(a.dtype, np.integer) or a.dtype == object and all(isinstance(t, (int, np.integer)) for t in a)):
+            raise MinidiffError(f"{what}: expected a non-empty 1-D sequence of integer token ids, got shape {a.shape} dtype {a.dtype}")
+        a = a.astype(np.int64)
+        bad = (a < 0) | (a >= V)
+        if bad.any():
+            raise MinidiffError(f"{what}: token id {int(a[bad][0])} at index {int(np.argmax(bad))} is outside the vocabulary [0, {V})")
+        return xp.asarray(a)
+
+    def _check_length(self, cache_len, n, what):
+        limit = self.config.max_position_embeddings
+        if cache_len + n > limit:
+            raise MinidiffError(f"{what}: {cache_len} cached + {n} new positions exceed the model's context of {limit}")
+
+    def empty_cache(self) -> KVCache:
+        xp = self.xp
+        z = [xp.zeros((0, lc.num_kv_heads, lc.head_dim), xp.float32) for lc in self.config.layers]
+        return KVCache(tuple(z), tuple(z), 0)
+
+    def embed(self, ids):
+        """Scaled token embedding: E[ids] · sqrt(H)  ->  [T, H]."""
+        return dense(self.embed_tokens)[ids] * self.embed_scale
+
+    # ------------------------------------------------------------------ encoder mode (§3.1)
+
+    def encode(self, ids, cache: KVCache | None = None, return_hidden: bool = False):
+        """Causal pass over ids [T] at positions cache.length ... cache.length + T - 1.
+
+        Returns the new cache (and, with return_hidden, the hidden state after every layer [L, T, H]).
+        """
+        xp, cfg = self.xp, self.config
+        ids = self._ids(ids, "encode")
+        cache = cache or self.empty_cache()
+        self._check_length(cache.length, ids.shape[0], "encode")
+        T = ids.shape[0]
+        positions = xp.arange(cache.length, cache.length + T)
+        h = self.embed(ids)
+        keys, values, hidden = [], [], []
+        for i, lc in enumerate(cfg.layers):
+            pk, pv = cache.keys[i], cache.values[i]
+            key_positions = xp.arange(cache.length - pk.shape[0], cache.length + T)
+            h, k, v = self.layer(i, h, positions, pk, pv, key_positions, "encode")
+            k, v = xp.concatenate([pk, k]), xp.concatenate([pv, v])
+            if lc.is_sliding:                          # keep the last W - 1 positions, like DynamicSlidingWindowLayer
+                keep = cfg.sliding_window - 1
+                k, v = k[-keep:], v[-keep:]
+            keys.append(k)
+            values.append(v)
+            if return_hidden:
+                hidden.append(h)
+        new = KVCache(tuple(keys), tuple(values), cache.length + T)
+        return (new, xp.stack(hidden)) if return_hidden else new
+
+    # ------------------------------------------------------------------ denoiser mode (§3.3)
+
+    def denoise(self, canvas_ids, cache: KVCache, self_conditioning_logits=None):
+        """Bidirectional pass over the canvas [C] at positions cache.length ... cache.length + C - 1.
+
+        self_conditioning_logits [C, V] (the previous step's tempered logits) or None (first step).
+        Returns float32 logits [C, V], softcapped: 30 · tanh(logits / 30). The cache is not modified.
+        """
+        xp, cfg = self.xp, self.config
+        ids = self._ids(canvas_ids, "denoise: canvas")
+        if cache is None:
+            raise MinidiffError("denoise: needs the cache from encode(prompt_ids)")
+        C, eps = ids.shape[0], cfg.rms_norm_eps
+        self._check_length(cache.length, C, "denoise")
+        positions = xp.arange(cache.length, cache.length + C)
+        x = self.embed(ids)                                                  # [C, H]
+        if self_conditioning_logits is not None:
+            S = xp.asarray(self_conditioning_logits, dtype=xp.float32)
+            if S.shape != (C, cfg.vocab_size):
+                raise MinidiffError(f"denoise: self_conditioning_logits must have shape {[C, cfg.vocab_size]}, got {list(S.shape)}")
+            soft = (softmax(xp, S) @ dense(self.embed_tokens)) * self.embed_scale   # "soft embedding" [C, H]
+            s = rms_norm(xp, soft, self.sc["pre_norm"], eps)
+            x = x + mlp(xp, s, self.sc["gate_proj"], self.sc["up_proj"], self.sc["down_proj"])
+        # (no logits: the soft embedding is 0, pre_norm(0) = 0 and the MLP adds exactly 0)
+        h = rms_norm(xp, x, eps=eps)                                          # post_norm: no weight
+        for i in range(cfg.num_hidden_layers):
+            h, _, _ = self.layer(i, h, positions, cache.keys[i], cache.values[i], None, "denoise")
+        logits = rms_norm(xp, h, self.final_norm, eps) @ dense(self.embed_tokens).T   # tied head [C, V]
+        cap = cfg.final_logit_softcapping
+        return (cap * xp.tanh(logits.astype(xp.float32) / cap)).astype(xp.float32)
+
+    def generate(self, prompt_ids, **kwargs):
+        """Block-diffusion generation; see `minidiff.sampler.generate`."""
+        from .sampler import generate
+        return generate(self, prompt_ids, **kwargs)
