@@ -1,0 +1,591 @@
+"""The entropy-bound renoising sampler: how DiffusionGemma turns noise into text.
+
+Block-autoregressive outer loop, diffusion inner loop (docs/sampler.md has the picture):
+
+    encode(prompt)                                   -> KV cache
+    for each canvas k (C tokens at positions P + kC ... P + kC + C - 1):
+        canvas <- C uniform random ids, sc <- None
+        for n = N, N-1, ..., 1 (steps remaining; step index i = N - n):
+            z      = denoise(canvas, cache, sc) / T(n)    T(n) = t_min + (t_max - t_min) * n / N
+            p      = softmax(z);  H = entropy(p)          per position
+            sample = categorical(p)                       inverse CDF of a uniform draw
+            accept = lowest-entropy prefix whose exclusive entropy sum <= entropy_bound
+            canvas = where(accept, sample, fresh uniform noise)
+            sc     = z                                    self-conditioning for the next step
+            stop early when argmax(z) is stable and mean(H) < confidence_threshold
+        commit argmax(z) of the last step: append it, encode it into the cache
+        stop at the first stop id (it is kept, the rest of the canvas becomes pad)
+
+Reference: Hugging Face transformers 5.23.0 `DiffusionGemmaGenerationMixin.generate` (HF below); every
+rule here reproduces it, float32 rounding included. All random draws come from one
+`numpy.random.Generator` in a fixed order (the portable randomness protocol, docs/randomness.md), so any
+runtime that follows the protocol replays minidiff's trajectories token for token.
+
+The sampler needs only `model.encode`, `model.denoise` and `model.config` (+ `model.folder`, optional),
+so a mock denoiser can stand in for the model (tests/test_sampler*.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .errors import MinidiffError
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+
+
+@dataclass
+class GenerationConfig:
+    """The sampler's knobs, with the reference's names and defaults (HF `_get_default_generation_params`).
+
+    Resolution order (last wins): these defaults < the model folder's `generation_config.json` (a null
+    field there means "default") < a `GenerationConfig` passed to `generate` < keyword overrides.
+    As in HF, an explicit `None` passed as an override switches a feature off: `t_min`/`t_max` None = no
+    temperature (T = 1), `stability_threshold`/`confidence_threshold` None = no adaptive stopping
+    (exactly `max_denoising_steps` steps per canvas).
+    """
+    max_new_tokens: int = 256               # canvases = ceil(max_new_tokens / C); never trimmed below whole canvases
+    max_length: int | None = None           # HF quirk: used only when max_new_tokens == 256 (then = max_length - P)
+    max_denoising_steps: int = 48           # N: forward passes per canvas at most
+    entropy_bound: float = 0.1              # acceptance budget in nats (HF: sampler_config.entropy_bound)
+    t_min: float | None = 0.4               # temperature end point (never reached: T(1) = t_min + (t_max - t_min)/N)
+    t_max: float | None = 0.8               # temperature at the first step
+    stability_threshold: int | None = 1     # argmax must equal the previous s argmax canvases ...
+    confidence_threshold: float | None = 0.005   # ... and mean entropy < this, to stop early
+    eos_token_id: list[int] | None = None   # stop ids; None = the model config's eos ids
+    pad_token_id: int | None = None         # fills a canvas after its first stop id; None = model config's pad
+    seed: int | None = None                 # numpy.random.default_rng(seed); None = a fresh seed (reported back)
+    greedy: bool = False                    # extra (not in HF): T = 0 limit, sample = argmax, every position accepted
+    self_conditioning_dtype: str = "auto"   # "bfloat16" | "float32" | "auto" (= the checkpoint's stored dtype, as HF)
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "generation_config.json") -> "GenerationConfig":
+        """Parse an HF `generation_config.json` dict; null fields and unknown keys keep the defaults."""
+        if not isinstance(d, dict):
+            raise MinidiffError(f"{where}: top level must be a JSON object")
+        kw = {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key, value in d.items():
+            if key == "sampler_config" and value is not None:
+                if not isinstance(value, dict):
+                    raise MinidiffError(f"{where}: sampler_config must be an object")
+                cls_name = value.get("_cls_name", "EntropyBoundSamplerConfig")
+                if cls_name != "EntropyBoundSamplerConfig":
+                    raise MinidiffError(f"{where}: sampler_config {cls_name!r} is not supported "
+                                        "(only EntropyBoundSamplerConfig)")
+                if value.get("entropy_bound") is not None:
+                    kw["entropy_bound"] = value["entropy_bound"]
+            elif key in names and value is not None:
+                kw[key] = value
+        return cls(**kw).validated(where)
+
+    @classmethod
+    def from_model_folder(cls, folder) -> "GenerationConfig":
+        """Defaults overlaid with `folder/generation_config.json` when the file exists."""
+        path = Path(folder) / "generation_config.json" if folder is not None else None
+        if path is None or not path.is_file():
+            return cls()
+        try:
+            d = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise MinidiffError(f"{path}: not valid JSON ({e})")
+        return cls.from_dict(d, where=str(path))
+
+    def replace(self, **overrides) -> "GenerationConfig":
+        """A validated copy with `overrides` applied (an unknown name is an error)."""
+        names = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise MinidiffError(f"unknown generation option {unknown[0]!r} (known: {', '.join(sorted(names))})")
+        return dataclasses.replace(self, **overrides).validated()
+
+    def validated(self, where: str = "generation option") -> "GenerationConfig":
+        """Check every field (HF `validate` rules); return self with floats/ints/lists normalised."""
+        def bad(name, must, v):
+            raise MinidiffError(f"{where} {name} must be {must} (got {v!r})")
+
+        def is_int(v):
+            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+        if not is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
+            bad("max_new_tokens", "a positive integer", self.max_new_tokens)
+        if self.max_length is not None and (not is_int(self.max_length) or self.max_length <= 0):
+            bad("max_length", "a positive integer", self.max_length)
+        if not is_int(self.max_denoising_steps) or self.max_denoising_steps <= 0:
+            bad("max_denoising_steps", "a positive integer", self.max_denoising_steps)
+        if not is_num(self.entropy_bound) or not self.entropy_bound > 0 or not math.isfinite(self.entropy_bound):
+            bad("entropy_bound", "a number > 0", self.entropy_bound)
+        for name in ("t_min", "t_max"):
+            v = getattr(self, name)
+            if v is not None and (not is_num(v) or not v >= 0 or not math.isfinite(v)):
+                bad(name, "a number >= 0", v)
+        if self.t_min is not None and self.t_max is not None and not self.t_max > self.t_min:
+            raise MinidiffError(f"{where} t_max must be greater than t_min (got t_max={self.t_max}, t_min={self.t_min})")
+        if self.stability_threshold is not None and (not is_int(self.stability_threshold) or self.stability_threshold < 0):
+            bad("stability_threshold", "an integer >= 0", self.stability_threshold)
+        if self.confidence_threshold is not None and (
+                not is_num(self.confidence_threshold) or not self.confidence_threshold > 0):
+            bad("confidence_threshold", "a number > 0", self.confidence_threshold)
+        eos = self.eos_token_id
+        if eos is not None:
+            eos = [eos] if is_int(eos) else eos
+            if not isinstance(eos, (list, tuple)) or not all(is_int(e) and e >= 0 for e in eos):
+                bad("eos_token_id", "a token id or a list of token ids", self.eos_token_id)
+            eos = [int(e) for e in eos]
+        if self.pad_token_id is not None and (not is_int(self.pad_token_id) or self.pad_token_id < 0):
+            bad("pad_token_id", "a token id", self.pad_token_id)
+        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
+            bad("seed", "an integer >= 0", self.seed)
+        if self.self_conditioning_dtype not in ("auto", "bfloat16", "float32"):
+            bad("self_conditioning_dtype", "'auto', 'bfloat16' or 'float32'", self.self_conditioning_dtype)
+        return dataclasses.replace(
+            self, entropy_bound=float(self.entropy_bound),
+            t_min=None if self.t_min is None else float(self.t_min),
+            t_max=None if self.t_max is None else float(self.t_max),
+            confidence_threshold=None if self.confidence_threshold is None else float(self.confidence_threshold),
+            eos_token_id=eos, greedy=bool(self.greedy))
+
+    @property
+    def adaptive_stopping(self) -> bool:
+        return self.stability_threshold is not None and self.confidence_threshold is not None
+
+
+def resolve_config(model, config: GenerationConfig | None = None, **overrides) -> GenerationConfig:
+    """defaults < model folder's generation_config.json < `config` < `overrides` (validated)."""
+    if config is None:
+        config = GenerationConfig.from_model_folder(getattr(model, "folder", None))
+    return config.replace(**overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-step math, vectorised over [..., C, V]. Every function is pure; `xp` is numpy or cupy.
+
+
+def _xp(a):
+    """The array module of `a` (cupy arrays carry __cuda_array_interface__)."""
+    if hasattr(a, "__cuda_array_interface__"):
+        import cupy
+        return cupy
+    return np
+
+
+def temperature(n: int, N: int, t_min: float | None, t_max: float | None):
+    """T(n) = t_min + (t_max - t_min) * n / N with n = steps remaining (N at the first step, 1 at the last).
+
+    Computed in float32 exactly as HF does (n/N as float32, the Python-float span cast to float32).
+    None (no schedule) when t_min or t_max is None: the logits are then used as they are (T = 1).
+    """
+    if t_min is None or t_max is None:
+        return None
+    return np.float32(t_min) + np.float32(t_max - t_min) * (np.float32(n) / np.float32(N))
+
+
+def softmax_entropy(z):
+    """z [..., V] float32 -> (p [..., V] float32 softmax, H [..., ] float32 entropy in nats)."""
+    xp = _xp(z)
+    m = z.max(axis=-1, keepdims=True)
+    e = xp.exp(z - m)                                     # [..., V]
+    s = e.sum(axis=-1, keepdims=True)                     # [..., 1]
+    p = e / s
+    logp = (z - m) - xp.log(s)                            # log-softmax
+    H = -(p * logp).sum(axis=-1)                          # [...]
+    return p, H
+
+
+def sample_inverse_cdf(p, u, chunk_elems: int = 1 << 23):
+    """One categorical draw per row by inverse CDF (the protocol's sampling rule).
+
+    p [R, V] probabilities (float32), u [R] uniforms in [0, 1) (float64) -> [R] int64 indices:
+        cdf   = cumsum(p, float64)                 (sequential, float64)
+        index = count(cdf <= u * cdf[-1])          clamped to V - 1
+    Rows are processed in chunks of at most `chunk_elems` float64 values to bound memory.
+    """
+    xp = _xp(p)
+    R, V = p.shape
+    out = xp.empty(R, dtype=xp.int64)
+    step = max(1, chunk_elems // V)
+    for r0 in range(0, R, step):                          # chunks of rows, not single positions
+        cdf = xp.cumsum(p[r0:r0 + step], axis=-1, dtype=xp.float64)       # [r, V]
+        thr = xp.asarray(u[r0:r0 + step], dtype=xp.float64) * cdf[:, -1]  # [r]
+        out[r0:r0 + step] = (cdf <= thr[:, None]).sum(axis=-1)
+    return xp.minimum(out, V - 1)
+
+
+def entropy_bound_accept(H, bound: float):
+    """H [..., C] float32 entropies -> [..., C] bool: which positions keep their sampled token.
+
+    Sort ascending (stable), accept the prefix whose EXCLUSIVE prefix sum is <= bound:
+        accept order[r]  <=>  cumsum(s)[r] - s[r] <= bound,   s = H[order]
+    The cumsum accumulates in float64 and rounds each term to float32 (torch's CPU cumsum), the
+    difference and the comparison are float32 (HF). At least one position is always accepted.
+    """
+    xp = _xp(H)
+    order = xp.argsort(H, axis=-1, kind="stable")                     # [..., C]
+    s = xp.take_along_axis(H, order, axis=-1)                         # sorted entropies
+    c = xp.cumsum(s.astype(xp.float64), axis=-1).astype(xp.float32)   # inclusive prefix sums
+    keep_sorted = (c - s) <= xp.float32(bound)                        # exclusive sum <= bound
+    accept = xp.zeros(H.shape, dtype=bool)
+    xp.put_along_axis(accept, order, keep_sorted, axis=-1)
+    return accept
+
+
+def round_bf16(x):
+    """float32 -> float32 holding the nearest bfloat16 (round to nearest, ties to even), as torch's .to(bf16)."""
+    xp = _xp(x)
+    x = xp.ascontiguousarray(x, dtype=xp.float32)
+    b = x.view(xp.uint32)
+    rounded = (b + (xp.uint32(0x7FFF) + ((b >> xp.uint32(16)) & xp.uint32(1)))) & xp.uint32(0xFFFF0000)
+    out = rounded.view(xp.float32)
+    return xp.where(xp.isnan(x), x, out)
+
+
+def eos_fill(tokens: np.ndarray, eos_ids, pad: int) -> np.ndarray:
+    """tokens [B, C] -> copy where, per row, everything after the FIRST stop id is pad (that id is kept)."""
+    is_eos = np.isin(tokens, eos_ids)
+    seen = np.cumsum(is_eos, axis=-1)
+    out = tokens.copy()
+    out[(seen > 0) & ~((seen == 1) & is_eos)] = pad
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# What generate reports
+
+
+@dataclass
+class StepEvent:
+    """Passed to `callback` after every denoising step (kind "step") and every commit (kind "commit").
+
+    Arrays are NumPy, one row per prompt. For "step": `canvas` is the step's input canvas, `sampled` the
+    categorical draws, `argmax` the argmax canvas (the draft), `accepted` the positions that kept their
+    sample, `entropy` the per-position entropy (nats), `next_canvas` = accepted samples + fresh noise,
+    `done` the rows that met the adaptive stop, `active` the rows that ran the denoiser this step.
+    For "commit": `tokens` [B, C] is the committed canvas (after stop-id padding) and `sequences` the
+    generated tokens so far (list of 1-D arrays), `finished` the rows that met a stop id.
+    """
+    kind: str
+    canvas_index: int
+    step: int = 0                      # 0-based step index i within the canvas
+    max_steps: int = 0                 # N
+    temperature: float | None = None
+    canvas: np.ndarray | None = None
+    sampled: np.ndarray | None = None
+    argmax: np.ndarray | None = None
+    accepted: np.ndarray | None = None
+    entropy: np.ndarray | None = None
+    next_canvas: np.ndarray | None = None
+    done: np.ndarray | None = None
+    active: np.ndarray | None = None
+    fixed: np.ndarray | None = None    # [B, C] bool: infill positions held by the caller
+    tokens: np.ndarray | None = None
+    sequences: list | None = None
+    finished: np.ndarray | None = None
+
+
+@dataclass
+class GenerateResult:
+    """Output of `generate`.
+
+    sequences           prompt + whole canvases. One prompt: 1-D [P + kC]. A batch: 2-D [B, P_max + kC],
+                        prompts left-padded with pad (HF's layout); `tokens` has the generated part per row.
+    tokens              list of 1-D arrays [kC]: the generated tokens of each row (pad after a stop id)
+    steps_per_canvas    executed denoising steps of each canvas (the batch runs them together)
+    passes              [B] denoiser passes that counted for each row (HF `decoder_forward_passes`)
+    tokens_per_forward  non-pad generated tokens / passes (float for one prompt, [B] for a batch)
+    finished            [B] bool: the row met a stop id
+    """
+    sequences: np.ndarray
+    tokens: list
+    prompt_lengths: list
+    steps_per_canvas: list
+    passes: np.ndarray
+    tokens_per_forward: object
+    finished: np.ndarray
+    seed: int | None
+    config: GenerationConfig
+    elapsed_s: float = 0.0
+    context_limited: bool = False      # fewer canvases than asked because the context would overflow
+
+    @property
+    def canvases(self) -> int:
+        return len(self.steps_per_canvas)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def generate(model, prompt_ids, config: GenerationConfig | None = None, *, callback: Callable | None = None,
+             infill=None, rng: np.random.Generator | None = None, **overrides) -> GenerateResult:
+    """Generate after `prompt_ids` (1-D ids, or a list of them for a batch) with the entropy-bound sampler.
+
+    config     a GenerationConfig (default: the model folder's generation_config.json over the defaults)
+    overrides  any GenerationConfig field, e.g. max_new_tokens=64, seed=0, confidence_threshold=None
+    callback   called with a StepEvent after every step and every commit
+    infill     tokens the caller fixes in the generated region: 1-D ids with -1 = free, position 0 = the
+               first generated token (a list of those for a batch). Held in the input canvas of every step
+               and in the committed canvas; counted as certain (entropy 0).
+    rng        a numpy.random.Generator to draw from (overrides seed); all draws follow docs/randomness.md
+    """
+    t_start = time.perf_counter()
+    cfg = resolve_config(model, config, **overrides)
+    mc = model.config
+    V, C, N = int(mc.vocab_size), int(mc.canvas_length), cfg.max_denoising_steps
+    eos_ids = cfg.eos_token_id if cfg.eos_token_id is not None else list(getattr(mc, "eos_token_ids", []) or [])
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else getattr(mc, "pad_token_id", None)
+
+    # -- prompts ------------------------------------------------------------------------------
+    batched, prompts = _as_prompt_list(prompt_ids, V)
+    B = len(prompts)
+    P = [len(p) for p in prompts]
+    P_in = max(P)                                           # HF's prompt width (left padding)
+    max_new = cfg.max_new_tokens
+    if cfg.max_length is not None and cfg.max_new_tokens == 256:   # HF: max_length wins only over the default
+        max_new = cfg.max_length - P_in
+        if max_new <= 0:
+            raise MinidiffError(f"max_length {cfg.max_length} leaves no room after a prompt of {P_in} tokens")
+    K = math.ceil(max_new / C)                              # canvases to generate at most
+    ctx = getattr(mc, "max_position_embeddings", None)
+    context_limited = False
+    if ctx is not None:
+        if max(P) + C > ctx:
+            raise MinidiffError(f"prompt of {max(P)} tokens plus one canvas of {C} exceeds the model's context "
+                                f"of {ctx} positions")
+        fit = (ctx - max(P)) // C
+        if fit < K:
+            K, context_limited = fit, True
+
+    fixed = _as_infill(infill, B, batched, K * C, V)       # [B, K*C] int, -1 = free
+
+    # -- randomness ---------------------------------------------------------------------------
+    seed = cfg.seed
+    if rng is None:
+        if seed is None:
+            seed = secrets.randbits(63)
+        rng = np.random.default_rng(seed)
+    else:
+        seed = None
+    sc_round = _sc_rounding(model, cfg)
+
+    # -- state --------------------------------------------------------------------------------
+    tokens = np.zeros((B, 0), dtype=np.int64)               # [B, k*C] generated so far
+    finished = np.zeros(B, dtype=bool)                      # row met a stop id
+    passes = np.zeros(B, dtype=np.int64)                    # denoiser passes that count (HF)
+    steps_per_canvas = []
+    caches = [None] * B
+
+    for k in range(K):
+        # (a) encoder: the prompt for the first canvas, afterwards the last committed canvas
+        for b in range(B):
+            caches[b] = model.encode(prompts[b]) if k == 0 else model.encode(tokens[b, -C:], caches[b])
+
+        # (b) a fresh canvas of uniform noise over the whole vocabulary, specials included
+        hold = fixed[:, k * C:(k + 1) * C]                  # [B, C] -1 = free
+        held = hold >= 0
+        canvas = np.where(held, hold, rng.integers(0, V, size=(B, C)))   # [B, C]
+        argmax = canvas.copy()                                            # placeholder until step 0
+        sc = None                                           # [B, C, V] self-conditioning logits (last step's z)
+        z = None
+        entropy = np.zeros((B, C), dtype=np.float32)
+        done = np.zeros(B, dtype=bool)                      # row met the adaptive stop in this canvas
+        history = np.full((cfg.stability_threshold or 0, B, C), -1, dtype=np.int64)
+
+        # (c) denoising steps, counted down: n = N, N-1, ..., 1
+        steps = 0
+        for n in range(N, 0, -1):
+            steps += 1
+            passes += ~(done | finished)
+            T = temperature(n, N, cfg.t_min, cfg.t_max)
+            u = rng.random((B, C))                          # draw 1: uniforms for the categorical sample
+            noise = rng.integers(0, V, size=(B, C))         # draw 2: renoising ids for every position
+            active = ~done                                  # done rows keep their state (HF freezes them)
+
+            rows = np.flatnonzero(active)
+            for b in rows:                                  # one denoiser call per row
+                raw = model.denoise(canvas[b], caches[b],
+                                    self_conditioning_logits=None if sc is None else sc[b])   # [C, V] f32
+                if z is None:
+                    xp = _xp(raw)
+                    z = xp.zeros((B, C, V), dtype=xp.float32)   # tempered logits, reused by every step
+                z[b] = raw if T is None else raw / T
+            za = z if len(rows) == B else z[rows]           # [b, C, V] the rows that ran
+            amax_a = za.argmax(axis=-1)                     # [b, C]
+            if cfg.greedy:                                  # T -> 0: one-hot distributions, H = 0
+                samp_a, H_a = amax_a, xp.zeros(amax_a.shape, dtype=xp.float32)
+            else:
+                p, H_a = softmax_entropy(za)                # [b, C, V], [b, C]
+                samp_a = sample_inverse_cdf(p.reshape(-1, V), xp.asarray(u[rows].reshape(-1))).reshape(H_a.shape)
+            sampled = canvas.copy()
+            sampled[rows] = _host(samp_a)
+            new_argmax = argmax.copy()
+            new_argmax[rows] = _host(amax_a)
+            entropy[rows] = _host(H_a)
+
+            # infill: held positions are certain and are re-imposed on both canvases
+            H_eff = np.where(held, np.float32(0), entropy)
+            accepted = entropy_bound_accept(H_eff, cfg.entropy_bound)        # [B, C]
+            next_canvas = np.where(accepted, sampled, noise)
+            next_canvas = np.where(held, hold, next_canvas)
+            new_argmax = np.where(held, hold, new_argmax)
+            next_canvas[done] = canvas[done]                # frozen rows keep their canvas
+
+            if cfg.adaptive_stopping:
+                if cfg.stability_threshold == 0:
+                    stable = np.ones(B, dtype=bool)
+                else:
+                    stable = (history == new_argmax[None]).all(axis=(0, 2))
+                    history = np.roll(history, -1, axis=0)
+                    history[-1] = new_argmax
+                confident = H_eff.mean(axis=-1) < np.float32(cfg.confidence_threshold)
+                done |= active & stable & confident
+
+            if callback is not None:
+                callback(StepEvent("step", k, steps - 1, N, None if T is None else float(T), canvas=canvas,
+                                   sampled=sampled, argmax=new_argmax, accepted=accepted, entropy=H_eff,
+                                   next_canvas=next_canvas, done=done.copy(), active=active, fixed=held))
+            canvas, argmax = next_canvas, new_argmax
+            # the next step self-conditions on this step's tempered logits (greedy: their one-hot limit)
+            sc = _one_hot_logits(z, argmax, rows) if cfg.greedy else sc_round(z)
+            if cfg.adaptive_stopping and done.all():
+                break
+        steps_per_canvas.append(steps)
+
+        # (d) commit the argmax canvas of the last step; (e) stop ids end a row
+        prev_finished = finished.copy()
+        new = argmax.copy()
+        if eos_ids:
+            finished = finished | np.isin(new, eos_ids).any(axis=-1)
+        if pad is not None and finished.any():
+            new[prev_finished] = pad                        # rows finished earlier: the whole canvas is pad
+            if eos_ids:
+                new = eos_fill(new, eos_ids, pad)
+        tokens = np.concatenate([tokens, new], axis=1)
+        if callback is not None:
+            callback(StepEvent("commit", k, tokens=new, finished=finished.copy(), fixed=held,
+                               sequences=[tokens[b].copy() for b in range(B)]))
+        if finished.all():
+            break
+
+    # -- report -------------------------------------------------------------------------------
+    n_valid = (tokens != pad).sum(axis=1) if pad is not None else np.full(B, tokens.shape[1])
+    tpf = n_valid / passes
+    fill = pad if pad is not None else 0
+    seqs = np.full((B, P_in + tokens.shape[1]), fill, dtype=np.int64)
+    for b in range(B):
+        seqs[b, P_in - P[b]:P_in] = prompts[b]
+    seqs[:, P_in:] = tokens
+    return GenerateResult(
+        sequences=seqs if batched else seqs[0], tokens=[tokens[b] for b in range(B)], prompt_lengths=P,
+        steps_per_canvas=steps_per_canvas, passes=passes, tokens_per_forward=tpf if batched else float(tpf[0]),
+        finished=finished, seed=seed, config=cfg, elapsed_s=time.perf_counter() - t_start,
+        context_limited=context_limited)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _host(a) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def _one_hot_logits(z, argmax: np.ndarray, rows):
+    """Greedy mode's self-conditioning: logits whose softmax is exactly one-hot at the argmax."""
+    xp = _xp(z)
+    out = z.copy()
+    sub = xp.full(z[rows].shape, -1e4, dtype=xp.float32)              # exp(-1e4) == 0 in float32
+    xp.put_along_axis(sub, xp.asarray(argmax[rows])[..., None], 0.0, axis=-1)
+    out[rows] = sub
+    return out
+
+
+def _sc_rounding(model, cfg: GenerationConfig):
+    """HF passes the SC logits in the embedding dtype: bf16 for a bf16 checkpoint, else unchanged."""
+    kind = cfg.self_conditioning_dtype
+    if kind == "auto":
+        kind = "bfloat16" if _checkpoint_dtype(model) == "bfloat16" else "float32"
+    return round_bf16 if kind == "bfloat16" else (lambda z: z)
+
+
+def _checkpoint_dtype(model) -> str | None:
+    """The dtype the checkpoint was saved in (config.json "dtype"/"torch_dtype"), if known."""
+    d = getattr(model, "checkpoint_dtype", None) or getattr(getattr(model, "config", None), "dtype", None)
+    if isinstance(d, str):
+        return d
+    folder = getattr(model, "folder", None)
+    if folder is None or not (Path(folder) / "config.json").is_file():
+        return None
+    try:
+        root = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    tc = root.get("text_config") or {}
+    for d in (root.get("dtype"), root.get("torch_dtype"), tc.get("dtype"), tc.get("torch_dtype")):
+        if isinstance(d, str):
+            return d
+    return None
+
+
+def _as_prompt_list(prompt_ids, V: int):
+    """-> (batched, [1-D int64 arrays]). A 1-D sequence is one prompt; a list of them / 2-D array a batch."""
+    if isinstance(prompt_ids, np.ndarray) or (isinstance(prompt_ids, (list, tuple)) and
+                                              (len(prompt_ids) == 0 or np.isscalar(prompt_ids[0]))):
+        arr = np.asarray(prompt_ids)
+        if arr.ndim == 1:
+            batched, rows = False, [arr]
+        elif arr.ndim == 2:
+            batched, rows = True, list(arr)
+        else:
+            raise MinidiffError(f"prompt_ids must be 1-D or 2-D, got shape {arr.shape}")
+    elif isinstance(prompt_ids, (list, tuple)):
+        batched, rows = True, [np.asarray(r) for r in prompt_ids]
+    else:
+        raise MinidiffError(f"prompt_ids must be a sequence of token ids, got {type(prompt_ids).__name__}")
+    if not rows:
+        raise MinidiffError("empty batch of prompts")
+    out = []
+    for r in rows:
+        if r.ndim != 1 or r.size == 0:
+            raise MinidiffError("empty prompt: give at least one token")
+        if not np.issubdtype(r.dtype, np.integer):
+            raise MinidiffError(f"prompt ids must be integers, got {r.dtype}")
+        if r.min() < 0 or r.max() >= V:
+            raise MinidiffError(f"prompt id out of range [0, {V})")
+        out.append(r.astype(np.int64))
+    return batched, out
+
+
+def _as_infill(infill, B: int, batched: bool, width: int, V: int) -> np.ndarray:
+    """-> [B, width] int64, -1 = free. width = canvases * C; a template longer than that is an error."""
+    fixed = np.full((B, width), -1, dtype=np.int64)
+    if infill is None:
+        return fixed
+    rows = list(infill) if batched else [infill]
+    if len(rows) != B:
+        raise MinidiffError(f"infill has {len(rows)} rows for {B} prompts")
+    for b, r in enumerate(rows):
+        if r is None:
+            continue
+        r = np.asarray(r, dtype=np.int64).reshape(-1)
+        if r.size > width:
+            raise MinidiffError(f"infill template of {r.size} tokens is longer than the {width} tokens to generate "
+                                "(raise max_new_tokens)")
+        if r.size and (r.min() < -1 or r.max() >= V):
+            raise MinidiffError(f"infill ids must be -1 (free) or in [0, {V})")
+        fixed[b, :r.size] = r
+    return fixed
