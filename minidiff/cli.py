@@ -27,19 +27,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"minidiff: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only the selected subcommand's module is imported (fast start, isolated failures)."""
     parser = _Parser(prog="minidiff", description="DiffusionGemma block-diffusion LM in NumPy/CuPy")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        mod = importlib.import_module(module)
-        getattr(mod, f"add_{name}_arguments", getattr(mod, "add_arguments", None))(p)
-        p.set_defaults(_run=getattr(mod, f"run_{name}", getattr(mod, "run", None)))
+        if name == selected:
+            mod = importlib.import_module(module)
+            getattr(mod, f"add_{name}_arguments", getattr(mod, "add_arguments", None))(p)
+            p.set_defaults(_run=getattr(mod, f"run_{name}", getattr(mod, "run", None)))
     return parser
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    selected = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(selected if selected in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -1,0 +1,88 @@
+"""`minidiff trace`: export the reference tensors of one input for checking other runtimes.
+
+Writes a float32 safetensors file (schema in docs/trace.md):
+    prompt_ids [P] int64, canvas_ids [C] int64
+    encoder.embeddings [P, H]          scaled token embeddings
+    encoder.hidden_states [L, P, H]    the residual stream after each layer (before the final norm)
+    encoder.final_norm [P, H]          final RMSNorm of the last layer (= transformers' last hidden state)
+    denoiser.logits [C, V]             softcapped logits of the canvas, no self-conditioning
+    denoiser.sc_logits [C, V]          (with --self-conditioning-temperature T) logits of a second step
+                                       self-conditioned on denoiser.logits / T
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .backend import to_numpy
+from .errors import MinidiffError
+from .model import rms_norm
+
+
+def _id_list(text: str, flag: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise MinidiffError(f"{flag}: expected comma-separated integers, got {text!r}")
+    if not ids:
+        raise MinidiffError(f"{flag}: needs at least one token id")
+    return ids
+
+
+def trace(model, prompt_ids, canvas_ids, sc_temperature=None) -> dict:
+    """The tensors of the trace schema, as float32/int64 NumPy arrays."""
+    xp = model.xp
+    cache, hidden = model.encode(prompt_ids, return_hidden=True)
+    out = {
+        "prompt_ids": np.asarray(prompt_ids, dtype=np.int64),
+        "canvas_ids": np.asarray(canvas_ids, dtype=np.int64),
+        "encoder.embeddings": model.embed(xp.asarray(np.asarray(prompt_ids))),
+        "encoder.hidden_states": hidden,
+        "encoder.final_norm": rms_norm(xp, hidden[-1], model.final_norm, model.config.rms_norm_eps),
+    }
+    logits = model.denoise(canvas_ids, cache)
+    out["denoiser.logits"] = logits
+    if sc_temperature is not None:
+        out["denoiser.sc_logits"] = model.denoise(canvas_ids, cache, logits / np.float32(sc_temperature))
+    return {k: np.ascontiguousarray(to_numpy(v)).astype(np.int64 if k.endswith("_ids") else np.float32)
+            for k, v in out.items()}
+
+
+def add_arguments(p):
+    p.add_argument("model", nargs="?", default=None, help="model folder or hub id (default: the embedded tiny model)")
+    p.add_argument("--prompt-ids", required=True, help="comma-separated prompt token ids, e.g. 2,17,300")
+    p.add_argument("--canvas-ids", required=True, help="comma-separated canvas token ids")
+    p.add_argument("--self-conditioning-temperature", type=float, default=None, metavar="T",
+                   help="also export a second, self-conditioned step on logits / T")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+
+def run(args) -> int:
+    import minidiff
+    from safetensors.numpy import save_file
+
+    prompt = _id_list(args.prompt_ids, "--prompt-ids")
+    canvas = _id_list(args.canvas_ids, "--canvas-ids")
+    T = args.self_conditioning_temperature
+    if T is not None and not (np.isfinite(T) and T > 0):
+        raise MinidiffError(f"--self-conditioning-temperature must be > 0, got {T}")
+    model = minidiff.load(args.model, device=args.device)
+    tensors = trace(model, prompt, canvas, T)
+    meta = {"minidiff_version": minidiff.__version__, "model": str(model.folder),
+            "self_conditioning_temperature": "" if T is None else repr(T),
+            "schema": "docs/trace.md"}
+    out = Path(args.out)
+    if out.parent and not out.parent.exists():
+        raise MinidiffError(f"--out: folder {out.parent} does not exist")
+    tmp = out.with_name(out.name + ".partial")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, out)
+    summary = {k: list(v.shape) for k, v in tensors.items()}
+    print(json.dumps({"wrote": str(out), "tensors": summary}), file=sys.stdout)
+    return 0
