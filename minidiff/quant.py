@@ -1,0 +1,646 @@
+"""Low-bit weights: the NumPy reference for int4 (W4A16) and NVFP4, and the loader hook.
+
+Everything here is plain NumPy and exact: every function below is the readable specification that
+the CUDA kernels (their own issue) must match bit for bit. Three on-disk formats are read:
+
+  (a) compressed-tensors `pack-quantized` int4        (what `minidiff quantize` writes)
+  (b) NVFP4, NVIDIA ModelOpt convention               (nvidia/diffusiongemma-26B-A4B-it-NVFP4)
+  (c) NVFP4, compressed-tensors `nvfp4-pack-quantized` (RedHatAI/diffusiongemma-26B-A4B-it-NVFP4)
+
+All three keep a Linear weight W [out, in] (PyTorch layout, y = x @ W.T) quantized in groups of
+consecutive elements along the INPUT dimension, one scale per (row, group).
+
+int4, compressed-tensors `pack-quantized` (symmetric, group strategy)
+---------------------------------------------------------------------
+    q[o, i] = clamp(round_half_even(W[o, i] / s[o, i // g]), -8, 7)        int4 in [-8, 7]
+    W'[o, i] = q[o, i] * s[o, i // g]                                       (dequantized)
+
+  tensors of a module `M` (e.g. `model.decoder.layers.3.self_attn.q_proj`):
+    M.weight_packed  I32  [out, ceil(in / 8)]   eight 4-bit codes per int32
+    M.weight_scale   BF16/F16/F32 [out, in / g] one scale per group of g inputs
+    M.weight_shape   I64 (or I32) [2]           = (out, in)
+
+  the code of an element is u = q + 8 (0..15, "offset binary"). Word j of a row holds inputs
+  8j .. 8j+7, the lowest nibble first:
+
+      bit:   31..28  27..24  23..20  19..16  15..12  11..8   7..4    3..0
+      input: 8j+7    8j+6    8j+5    8j+4    8j+3    8j+2    8j+1    8j+0
+
+  i.e. word = sum_k u[8j + k] << (4k), stored as a little-endian int32 (so codes >= 8 in the top
+  nibble make the int32 negative: only the bits matter). When `in` is not a multiple of 8 the row is
+  padded with code 0 (not 8). `weight_zero_point` exists only for asymmetric schemes: unsupported.
+
+NVFP4 (both conventions)
+------------------------
+  element: FP4 E2M1, one nibble = s m2 m1 m0 (bit 3 = sign, bits 0-2 = magnitude index):
+
+      index:  0    1    2    3    4    5    6    7
+      value:  0   0.5  1.0  1.5  2.0  3.0  4.0  6.0          (sign bit set: the negative value)
+
+  two elements per uint8, the EVEN (first) input in the LOW nibble:
+      byte[o, j] = code[o, 2j] | (code[o, 2j + 1] << 4)         -> weight [out, in / 2] U8
+  group: 16 consecutive inputs share one FP8 E4M3 scale            -> weight_scale [out, in / 16] F8_E4M3
+  FP8 E4M3 ("fn" variant, bias 7, no infinities) of a byte s eeee mmm:
+      e == 0:                 (-1)^s * (m / 8) * 2^-6              (subnormal; 0x00 = 0)
+      e == 15 and m == 7:     NaN                                 (0x7F, 0xFF)
+      otherwise:              (-1)^s * (1 + m / 8) * 2^(e - 7)    (max 448 = 0x7E)
+  and a per-tensor second-level F32 scale, with opposite conventions:
+    (b) ModelOpt:           M.weight, M.weight_scale, M.weight_scale_2 (+ M.input_scale, unused)
+                            W'[o, i] = fp4[o, i] * (scale[o, i // 16] * weight_scale_2)
+    (c) compressed-tensors: M.weight_packed, M.weight_scale, M.weight_global_scale (+ input_global_scale)
+                            W'[o, i] = fp4[o, i] * (scale[o, i // 16] / weight_global_scale)
+  (the bracket is one float32 operation, then the product with fp4 is exact in float32.)
+
+Fused experts
+-------------
+The release stores the routed experts fused: `…experts.gate_up_proj` [E, 2*Ie, H] (rows 0:Ie = gate,
+Ie:2Ie = up) and `…experts.down_proj` [E, H, Ie]. Quantized checkpoints (ours, and the published
+NVFP4 ones, as vLLM's Gemma 4 loader expects) store them UNFUSED, one Linear per expert and
+projection, under the same prefix:
+    …experts.{e}.gate_proj.<tensors>   [Ie, H]     = gate_up_proj[e, :Ie]
+    …experts.{e}.up_proj.<tensors>     [Ie, H]     = gate_up_proj[e, Ie:]
+    …experts.{e}.down_proj.<tensors>   [H, Ie]     = down_proj[e]
+with <tensors> those of the format (weight_packed/weight_scale/weight_shape for int4, …).
+
+Loading (`load_quantized`) keeps the packed bytes (memory-mapped) and dequantizes per use:
+`QuantTensor.dequantize()` for a 2-D weight, `experts[e]` for one expert of a 3-D stack.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MinidiffError
+
+# ================================================================================================
+# int4: pack / unpack / quantize / dequantize
+# ================================================================================================
+
+INT4_OFFSET = 8  # code = q + 8
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int4 values q in [-8, 7] (any integer dtype) [..., n] -> int32 [..., ceil(n / 8)].
+
+    Word j holds q[..., 8j + k] + 8 in bits 4k .. 4k+3 (lowest nibble first); padding codes are 0.
+    """
+    q = np.asarray(q)
+    if q.size and (q.min() < -8 or q.max() > 7):
+        raise ValueError("pack_int4: values outside [-8, 7]")
+    n = q.shape[-1]
+    words = -(-n // 8)
+    codes = np.zeros(q.shape[:-1] + (words * 8,), dtype=np.uint32)  # padding code 0
+    codes[..., :n] = q.astype(np.int32) + INT4_OFFSET
+    codes = codes.reshape(q.shape[:-1] + (words, 8))                    # [..., words, 8]
+    shifts = np.arange(0, 32, 4, dtype=np.uint32)                       # 0, 4, ..., 28
+    packed = np.bitwise_or.reduce(codes << shifts, axis=-1)            # [..., words] uint32
+    return packed.view(np.int32)
+
+
+def unpack_int4(packed: np.ndarray, n: int) -> np.ndarray:
+    """int32 [..., ceil(n / 8)] -> int8 [..., n] in [-8, 7] (the inverse of `pack_int4`)."""
+    packed = np.asarray(packed)
+    if packed.dtype != np.int32 or packed.shape[-1] != -(-n // 8):
+        raise ValueError(f"unpack_int4: expected int32 [..., {-(-n // 8)}], got {packed.dtype} {list(packed.shape)}")
+    u = np.ascontiguousarray(packed).view(np.uint32)[..., None]        # [..., words, 1]
+    shifts = np.arange(0, 32, 4, dtype=np.uint32)
+    codes = ((u >> shifts) & 0xF).astype(np.int8)                       # [..., words, 8]
+    return codes.reshape(packed.shape[:-1] + (-1,))[..., :n] - INT4_OFFSET
+
+
+def int4_scales(w: np.ndarray, group_size: int, scale_dtype: str = "F32") -> np.ndarray:
+    """Symmetric per-group scales of W [out, in] -> float32 [out, in / g], exactly representable in
+    `scale_dtype` ("BF16", "F16" or "F32").
+
+    s = max|W_group| / 7.5 (compressed-tensors' min-max rule: the range [-8, 7] has half-width 7.5),
+    rounded UP to the scale dtype so that |W / s| <= 7.5 holds exactly: then every element rounds
+    within half a step, |W - q*s| <= s/2. An all-zero group gets the dtype's epsilon (as
+    compressed-tensors does), which quantizes it to zeros.
+    """
+    out, n = w.shape
+    if n % group_size:
+        raise ValueError(f"int4_scales: in_features {n} is not a multiple of group_size {group_size}")
+    absmax = np.abs(w.reshape(out, n // group_size, group_size)).max(axis=-1).astype(np.float64)
+    s = round_up_to(absmax / 7.5, scale_dtype)
+    eps = {"BF16": 2.0 ** -7, "F16": 2.0 ** -10, "F32": 2.0 ** -23}[scale_dtype]
+    return np.where(s == 0, np.float32(eps), s).astype(np.float32)
+
+
+def quantize_int4(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """W [out, in] and scales [out, in / g] -> int8 q [out, in] in [-8, 7].
+
+    q = clamp(round_half_even(W / s), -8, 7). The division is done in float64, where it is exact
+    enough never to move a quotient across a rounding boundary (W and s have <= 24-bit mantissas),
+    so q is the correctly rounded value; compressed-tensors' compressor gives the same q when fed
+    the same W and s in float64 (or in float32 for all but astronomically rare ties).
+    """
+    out, n = w.shape
+    g = n // scale.shape[-1]
+    x = w.astype(np.float64).reshape(out, n // g, g) / scale.astype(np.float64)[..., None]
+    return np.clip(np.rint(x), -8, 7).astype(np.int8).reshape(out, n)
+
+
+def dequant_int4(packed: np.ndarray, scale: np.ndarray, in_features: int) -> np.ndarray:
+    """weight_packed int32 [out, ceil(in / 8)] and weight_scale [out, in / g] (float32 values) ->
+    float32 [out, in]: W' = q * s (exact in float32 for bf16/f16 scales)."""
+    q = unpack_int4(packed, in_features)                                  # [out, in] int8
+    out = q.shape[0]
+    groups = scale.shape[-1]
+    g = in_features // groups
+    w = q.reshape(out, groups, g).astype(np.float32) * scale.astype(np.float32)[..., None]
+    return w.reshape(out, in_features)
+
+
+# ================================================================================================
+# float formats: bf16 / fp8 E4M3 / fp4 E2M1
+# ================================================================================================
+
+def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
+    """Raw bfloat16 bits (uint16) -> float32 (the bf16 value is the top half of the f32 word)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> raw bfloat16 bits, round to nearest even (torch's `.to(torch.bfloat16)`)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    out = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    return np.where(np.isnan(x), np.uint16(0x7FC0), out)
+
+
+def round_up_to(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Nonnegative values (float64) -> the smallest value >= x representable in `dtype`, as float64."""
+    x = np.asarray(x, dtype=np.float64)
+    if dtype == "F32":
+        y = x.astype(np.float32)
+        y = np.where(y.astype(np.float64) < x, np.nextafter(y, np.float32(np.inf)), y)
+    elif dtype == "F16":
+        y = x.astype(np.float16)
+        y = np.where(y.astype(np.float64) < x, np.nextafter(y, np.float16(np.inf)), y)
+    elif dtype == "BF16":
+        f = x.astype(np.float32)
+        f = np.where(f.astype(np.float64) < x, np.nextafter(f, np.float32(np.inf)), f)  # f >= x
+        u = f.view(np.uint32)
+        up = (u & 0xFFFF) != 0                                  # not already a bf16 value
+        y = ((u >> 16) + up.astype(np.uint32)).astype(np.uint16)  # truncate, then one bf16 ulp up
+        y = bf16_bits_to_f32(y)
+    else:
+        raise ValueError(f"round_up_to: unknown dtype {dtype!r}")
+    return y.astype(np.float64)
+
+
+def _e4m3_table() -> np.ndarray:
+    """The 256 FP8 E4M3 ("fn") values, indexed by byte."""
+    b = np.arange(256)
+    s, e, m = b >> 7, (b >> 3) & 0xF, b & 0x7
+    mag = np.where(e == 0, m / 8.0 * 2.0 ** -6, (1 + m / 8.0) * 2.0 ** (e - 7.0))
+    mag = np.where((e == 15) & (m == 7), np.nan, mag)
+    return np.where(s == 1, -mag, mag).astype(np.float32)
+
+
+E4M3 = _e4m3_table()
+E4M3_MAX = 448.0
+
+
+def e4m3_to_f32(bits: np.ndarray) -> np.ndarray:
+    """FP8 E4M3 bytes (uint8) -> float32."""
+    return E4M3[np.asarray(bits, dtype=np.uint8)]
+
+
+def f32_to_e4m3(x: np.ndarray) -> np.ndarray:
+    """float -> FP8 E4M3 bytes, round to nearest, ties to even (torch's `.to(torch.float8_e4m3fn)`),
+    saturating at +-448 (torch gives NaN from 464 up; scales here never get there)."""
+    x = np.asarray(x, dtype=np.float64)
+    mags = E4M3[:127].astype(np.float64)          # codes 0..126: 0 .. 448, increasing
+    a = np.minimum(np.abs(x), E4M3_MAX)
+    hi = np.clip(np.searchsorted(mags, a, side="left"), 0, 126)   # first mag >= a
+    lo = np.maximum(hi - 1, 0)
+    dlo, dhi = a - mags[lo], mags[hi] - a
+    pick_hi = (dhi < dlo) | ((dhi == dlo) & (hi % 2 == 0))          # tie -> even mantissa
+    code = np.where(pick_hi, hi, lo).astype(np.uint8) | (np.signbit(x).astype(np.uint8) << 7)
+    return np.where(np.isnan(x), np.uint8(0x7F), code).astype(np.uint8)
+
+
+FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], dtype=np.float32)
+# all 16 nibbles: index | sign << 3
+FP4_TABLE = np.concatenate([FP4_VALUES, -FP4_VALUES]).astype(np.float32)
+FP4_MAX = 6.0
+
+
+def fp4_encode(x: np.ndarray) -> np.ndarray:
+    """float -> FP4 E2M1 nibble codes (uint8, 0..15): clamp to +-6, round to nearest, ties to even
+    mantissa (0.25->0, 0.75->1, 1.25->1, 1.75->2, 2.5->2, 3.5->4, 5->4), sign bit = x < 0 (so a small
+    negative value that rounds to zero is stored as -0, code 8, as compressed-tensors does)."""
+    x = np.asarray(x, dtype=np.float64)
+    a = np.minimum(np.abs(x), FP4_MAX)
+    # boundaries between consecutive magnitudes; `right` says whether the boundary goes up
+    idx = np.zeros(a.shape, dtype=np.uint8)
+    for bound, up_on_tie in ((0.25, False), (0.75, True), (1.25, False), (1.75, True),
+                             (2.5, False), (3.5, True), (5.0, False)):
+        idx += (a >= bound) if up_on_tie else (a > bound)
+    return idx | ((x < 0).astype(np.uint8) << 3)
+
+
+def pack_nvfp4(codes: np.ndarray) -> np.ndarray:
+    """FP4 codes uint8 [..., n] (n even) -> uint8 [..., n / 2]: byte j = code[2j] | code[2j+1] << 4."""
+    codes = np.asarray(codes, dtype=np.uint8)
+    if codes.shape[-1] % 2:
+        raise ValueError("pack_nvfp4: the last dimension must be even")
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack_nvfp4(packed: np.ndarray) -> np.ndarray:
+    """uint8 [..., m] -> FP4 codes uint8 [..., 2m] (low nibble first)."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    return np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(packed.shape[:-1] + (-1,))
+
+
+NVFP4_GROUP = 16
+
+
+def nvfp4_global_scale(w: np.ndarray) -> np.float32:
+    """compressed-tensors' per-tensor global scale: 448 * 6 / max|W| (float32). ModelOpt's
+    weight_scale_2 is the reciprocal convention, max|W| / (6 * 448)."""
+    amax = np.float32(max(float(np.abs(w).max()), float(np.finfo(np.float32).tiny)))
+    return np.float32(np.float32(E4M3_MAX * FP4_MAX) / amax)
+
+
+def quantize_nvfp4(w: np.ndarray, global_scale=None, scale_2=None):
+    """W [out, in] -> (packed uint8 [out, in/2], scale F8_E4M3 bytes [out, in/16]).
+
+    Exactly one of `global_scale` (compressed-tensors: the effective group scale is s / gs) or
+    `scale_2` (ModelOpt: s * scale_2) is given. Group scale s = fp8(max|W_group| / 6 * gs) (or
+    / scale_2), an all-zero group gets fp8's epsilon 0.125; then codes = fp4(W / (s / gs)) with the
+    divisions in float32, as compressed-tensors and ModelOpt compute them.
+    """
+    if (global_scale is None) == (scale_2 is None):
+        raise ValueError("quantize_nvfp4: give exactly one of global_scale, scale_2")
+    out, n = w.shape
+    if n % NVFP4_GROUP:
+        raise ValueError(f"quantize_nvfp4: in_features {n} is not a multiple of {NVFP4_GROUP}")
+    w = np.asarray(w, dtype=np.float32)
+    wg = w.reshape(out, n // NVFP4_GROUP, NVFP4_GROUP)
+    local = np.abs(wg).max(axis=-1) / np.float32(FP4_MAX)                     # float32
+    if global_scale is not None:
+        local = np.float32(global_scale) * local
+    else:
+        local = local / np.float32(scale_2)
+    scale_bits = f32_to_e4m3(local)
+    scale_bits = np.where(scale_bits == 0, np.uint8(0x20), scale_bits)          # 0x20 = 0.125
+    s = e4m3_to_f32(scale_bits)
+    eff = s / np.float32(global_scale) if global_scale is not None else s * np.float32(scale_2)
+    codes = fp4_encode((wg / eff[..., None]).astype(np.float32))
+    return pack_nvfp4(codes.reshape(out, n)), scale_bits
+
+
+def dequant_nvfp4(packed: np.ndarray, scale_bits: np.ndarray, global_scale=None, scale_2=None) -> np.ndarray:
+    """weight [out, in/2] U8 + weight_scale [out, in/16] F8_E4M3 bytes + one second-level scale ->
+    float32 [out, in]. compressed-tensors: W' = fp4 * (s / global_scale); ModelOpt: W' = fp4 * (s * scale_2)."""
+    if (global_scale is None) == (scale_2 is None):
+        raise ValueError("dequant_nvfp4: give exactly one of global_scale, scale_2")
+    vals = FP4_TABLE[unpack_nvfp4(packed)]                                     # [out, in] float32
+    out, n = vals.shape
+    s = e4m3_to_f32(scale_bits)                                                # [out, in/16]
+    eff = s / np.float32(global_scale) if global_scale is not None else s * np.float32(scale_2)
+    return (vals.reshape(out, -1, NVFP4_GROUP) * eff[..., None]).reshape(out, n)
+
+
+# ================================================================================================
+# quantized tensors held packed in memory
+# ================================================================================================
+
+class QuantTensor:
+    """A weight kept packed; `dequantize()` -> float32 array of `shape`; `nbytes` = packed bytes."""
+
+    shape: tuple
+    nbytes: int
+    name: str
+
+    def dequantize(self) -> np.ndarray:
+        raise NotImplementedError
+
+    def __array__(self, dtype=None, copy=None):  # np.asarray(W) works, but costs a full dequant
+        w = self.dequantize()
+        return w if dtype is None else w.astype(dtype)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name}, shape={list(self.shape)}, {self.nbytes} bytes)"
+
+
+def _float_array(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return bf16_bits_to_f32(raw)
+    return np.asarray(raw, dtype=np.float32)
+
+
+def _check_finite(scale: np.ndarray, name: str, where: str):
+    if not np.isfinite(scale).all():
+        raise MinidiffError(f"{where}: {name} holds non-finite scales")
+
+
+class Int4Weight(QuantTensor):
+    """One [out, in] Linear in compressed-tensors pack-quantized int4."""
+
+    def __init__(self, name, packed, scale_raw, scale_dtype, shape, group_size, where=""):
+        self.name, self.packed, self.scale_raw, self.scale_dtype = name, packed, scale_raw, scale_dtype
+        self.shape, self.group_size, self.where = tuple(shape), group_size, where
+        self.nbytes = int(packed.nbytes + scale_raw.nbytes)
+
+    def dequantize(self) -> np.ndarray:
+        scale = _float_array(self.scale_raw, self.scale_dtype)
+        _check_finite(scale, self.name + ".weight_scale", self.where)
+        return dequant_int4(self.packed, scale, self.shape[1])
+
+
+class NVFP4Weight(QuantTensor):
+    """One [out, in] Linear in NVFP4 (either convention)."""
+
+    def __init__(self, name, packed, scale_bits, shape, global_scale=None, scale_2=None, where=""):
+        self.name, self.packed, self.scale_bits, self.shape = name, packed, scale_bits, tuple(shape)
+        self.global_scale, self.scale_2, self.where = global_scale, scale_2, where
+        self.nbytes = int(packed.nbytes + scale_bits.nbytes + 4)
+
+    def dequantize(self) -> np.ndarray:
+        w = dequant_nvfp4(self.packed, self.scale_bits, self.global_scale, self.scale_2)
+        _check_finite(w, self.name, self.where)  # NaN scale bytes (0x7F) or a zero global scale
+        return w
+
+
+class QuantExperts(QuantTensor):
+    """A fused expert tensor [E, rows, in] kept as E x (one or more) packed [r, in] parts, stacked
+    along the rows: gate_up_proj[e] = concat(gate_proj_e, up_proj_e); down_proj[e] = down_proj_e.
+    `experts[e]` dequantizes expert e only."""
+
+    def __init__(self, name, parts: list[list[QuantTensor]], shape):
+        self.name, self.parts, self.shape = name, parts, tuple(shape)
+        self.nbytes = sum(p.nbytes for ps in parts for p in ps)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, e) -> np.ndarray:
+        e = int(e)
+        if not 0 <= e < self.shape[0]:
+            raise IndexError(f"expert {e} out of range [0, {self.shape[0]})")
+        ps = self.parts[e]
+        return ps[0].dequantize() if len(ps) == 1 else np.concatenate([p.dequantize() for p in ps], axis=0)
+
+    def dequantize(self) -> np.ndarray:
+        return np.stack([self[e] for e in range(self.shape[0])])
+
+
+# ================================================================================================
+# the quantization config: which scheme applies to which module
+# ================================================================================================
+
+CT_INT4_FORMATS = ("pack-quantized",)
+CT_NVFP4_FORMATS = ("nvfp4-pack-quantized",)
+
+
+def _match(name: str, target: str) -> bool:
+    """compressed-tensors target matching: "re:<regex>" (re.match) or the exact module name; the
+    class name "Linear" matches every module we are asked about (all of them are Linear layers)."""
+    if target.startswith("re:"):
+        return re.match(target[3:], name) is not None
+    return target == name or target == "Linear"
+
+
+class Scheme:
+    """What the config says about one module: method ("int4" | "nvfp4-ct" | "nvfp4-modelopt"),
+    group size, and where the config came from (for error messages)."""
+
+    def __init__(self, method, group_size, source, strategy="group"):
+        self.method, self.group_size, self.source, self.strategy = method, group_size, source, strategy
+
+
+def _ct_scheme(cfg: dict, module: str, tensor: str, source: str) -> Scheme | None:
+    """The compressed-tensors config group that applies to `module`, or None if it is ignored /
+    targeted by no group."""
+    groups = cfg.get("config_groups") or {}
+    if not isinstance(groups, dict) or not groups:
+        raise MinidiffError(f"{source}: quantization_config has no config_groups (needed for {tensor})")
+    if any(_match(module, t) for t in (cfg.get("ignore") or []) if t != "Linear"):
+        return None
+    hits = [(k, g) for k, g in groups.items()
+            if isinstance(g, dict) and any(_match(module, t) for t in (g.get("targets") or []))]
+    if len(hits) > 1:  # compressed-tensors prefers exact names over regexes over class names
+        exact = [h for h in hits if module in (h[1].get("targets") or [])]
+        regex = [h for h in hits if any(t.startswith("re:") and _match(module, t) for t in h[1].get("targets"))]
+        hits = exact or regex or hits
+    if len(hits) != 1:
+        if not hits:
+            return None
+        raise MinidiffError(f"{source}: config groups {[k for k, _ in hits]} all target {module} ({tensor})")
+    key, group = hits[0]
+    w = group.get("weights")
+    if not isinstance(w, dict):
+        raise MinidiffError(f"{source}: config group {key} has no weights scheme ({tensor})")
+    fmt = group.get("format") or cfg.get("format")
+    num_bits, typ = w.get("num_bits"), w.get("type")
+    strategy, gs = w.get("strategy"), w.get("group_size")
+    if fmt in CT_INT4_FORMATS:
+        if num_bits != 4 or typ != "int":
+            raise MinidiffError(f"{source}: {tensor}: unsupported pack-quantized scheme "
+                                f"(num_bits {num_bits}, type {typ}); minidiff reads 4-bit int only")
+        if w.get("symmetric") is False:
+            raise MinidiffError(f"{source}: {tensor}: asymmetric int4 (weight_zero_point) is not supported")
+        if strategy not in ("group", "channel"):
+            raise MinidiffError(f"{source}: {tensor}: unsupported int4 strategy {strategy!r} (group, channel)")
+        if w.get("actorder") not in (None, "static", "weight"):  # group actorder needs g_idx: unsupported
+            raise MinidiffError(f"{source}: {tensor}: activation ordering {w.get('actorder')!r} is not supported")
+        if strategy == "group" and (not isinstance(gs, int) or gs <= 0):
+            raise MinidiffError(f"{source}: {tensor}: group strategy needs a positive group_size, got {gs!r}")
+        return Scheme("int4", gs if strategy == "group" else None, source, strategy)
+    if fmt in CT_NVFP4_FORMATS:
+        if num_bits != 4 or typ != "float" or (gs is not None and gs != NVFP4_GROUP):
+            raise MinidiffError(f"{source}: {tensor}: unsupported nvfp4 scheme (num_bits {num_bits}, "
+                                f"type {typ}, group_size {gs}); NVFP4 is 4-bit float in groups of 16")
+        return Scheme("nvfp4-ct", NVFP4_GROUP, source)
+    raise MinidiffError(f"{source}: {tensor}: unsupported compressed-tensors format {fmt!r} "
+                        f"(minidiff reads pack-quantized int4 and nvfp4-pack-quantized)")
+
+
+def _modelopt_cfg(ckpt, quantization_config) -> tuple[dict, str] | None:
+    """The ModelOpt settings, from config.json (quant_method: modelopt) or hf_quant_config.json."""
+    if isinstance(quantization_config, dict) and quantization_config.get("quant_method") == "modelopt":
+        q = quantization_config
+        return (q.get("quantization", q), "config.json")
+    path = Path(getattr(ckpt, "folder", ".")) / "hf_quant_config.json"
+    if path.is_file():
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+            return (d["quantization"], str(path))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise MinidiffError(f"{path}: malformed (expected a JSON object with a 'quantization' section)")
+    return None
+
+
+def _modelopt_scheme(mo: dict, module: str, tensor: str, source: str) -> Scheme | None:
+    for pat in mo.get("exclude_modules") or []:
+        if fnmatch.fnmatchcase(module, pat):
+            return None
+    algo = mo.get("quant_algo")
+    if algo != "NVFP4":
+        raise MinidiffError(f"{source}: {tensor}: unsupported ModelOpt quant_algo {algo!r} (minidiff reads NVFP4)")
+    gs = mo.get("group_size", NVFP4_GROUP)
+    if gs != NVFP4_GROUP:
+        raise MinidiffError(f"{source}: {tensor}: NVFP4 group_size {gs} (must be 16)")
+    return Scheme("nvfp4-modelopt", NVFP4_GROUP, source)
+
+
+# ================================================================================================
+# the loader hook
+# ================================================================================================
+
+def _where(ckpt, name) -> str:
+    try:
+        return str(ckpt.file_of(name))
+    except Exception:
+        return str(getattr(ckpt, "folder", "checkpoint"))
+
+
+def _stored_kind(ckpt, module: str) -> str | None:
+    """What is stored under `module`: "ct" (weight_packed), "modelopt" (a U8 `weight` with a
+    weight_scale), or None."""
+    if ckpt.has(module + ".weight_packed"):
+        return "ct"
+    if ckpt.has(module + ".weight") and ckpt.dtype(module + ".weight") == "U8":
+        return "modelopt"
+    return None
+
+
+def _scheme_for(ckpt, module, tensor, kind, quantization_config) -> Scheme:
+    where = _where(ckpt, tensor)
+    if kind == "modelopt":
+        mo = _modelopt_cfg(ckpt, quantization_config)
+        if mo is None:
+            raise MinidiffError(f"{where}: {tensor} is stored as NVFP4 (U8) but neither config.json's "
+                                f"quantization_config nor hf_quant_config.json describes it")
+        s = _modelopt_scheme(mo[0], module, tensor, mo[1])
+        if s is None:
+            raise MinidiffError(f"{where}: {tensor} is stored quantized but {mo[1]} excludes {module}")
+        return s
+    q = quantization_config
+    if not isinstance(q, dict):
+        raise MinidiffError(f"{where}: {tensor} is stored quantized (weight_packed) but config.json has no "
+                            f"quantization_config")
+    method = q.get("quant_method")
+    if method != "compressed-tensors":
+        raise MinidiffError(f"{where}: {tensor}: unsupported quantization method {method!r} "
+                            f"(minidiff reads compressed-tensors and modelopt)")
+    s = _ct_scheme(q, module, tensor, "config.json quantization_config")
+    if s is None:
+        raise MinidiffError(f"{where}: {tensor} is stored quantized but config.json's quantization_config "
+                            f"does not target {module} (ignored or in no config group)")
+    return s
+
+
+def _load_2d(ckpt, module: str, shape: tuple, quantization_config, kind: str) -> QuantTensor:
+    """One quantized [out, in] Linear stored under `module`, checked against the expected shape."""
+    out, n = shape
+    if kind == "ct":
+        main = module + ".weight_packed"
+        scheme = _scheme_for(ckpt, module, main, kind, quantization_config)
+    else:
+        main = module + ".weight"
+        scheme = _scheme_for(ckpt, module, main, kind, quantization_config)
+    where = _where(ckpt, main)
+
+    def need(tname, dtypes, tshape=None):
+        if not ckpt.has(tname):
+            raise MinidiffError(f"{where}: {main} is stored quantized ({scheme.method}) but {tname} is missing")
+        dt = ckpt.dtype(tname)
+        if dt not in dtypes:
+            raise MinidiffError(f"{_where(ckpt, tname)}: {tname} has dtype {dt}, expected {' or '.join(dtypes)}")
+        sh = tuple(ckpt.shape(tname))
+        if tshape is not None and sh != tuple(tshape):
+            raise MinidiffError(f"{_where(ckpt, tname)}: {tname} has shape {list(sh)}, expected {list(tshape)} "
+                                f"for a {scheme.method} weight of shape {[out, n]}"
+                                + (f" with group_size {scheme.group_size} ({scheme.source})" if tname.endswith("_scale") else ""))
+        return ckpt.raw(tname), dt, sh
+
+    if scheme.method == "int4":
+        if ckpt.has(module + ".weight_zero_point"):
+            raise MinidiffError(f"{where}: {module}.weight_zero_point present, but the scheme is symmetric "
+                                f"({scheme.source})")
+        if ckpt.has(module + ".weight_g_idx"):
+            raise MinidiffError(f"{where}: {module}.weight_g_idx (activation ordering) is not supported")
+        if ckpt.has(module + ".weight_shape"):
+            ws, _, wss = need(module + ".weight_shape", ("I64", "I32"))
+            stored = tuple(int(v) for v in np.asarray(ws).reshape(-1))
+            if stored != (out, n):
+                raise MinidiffError(f"{_where(ckpt, module + '.weight_shape')}: {module}.weight_shape is "
+                                    f"{list(stored)}, expected {[out, n]} from config.json")
+        g = scheme.group_size if scheme.strategy == "group" else n
+        if n % g:
+            raise MinidiffError(f"{where}: {main}: in_features {n} is not a multiple of group_size {g} "
+                                f"({scheme.source})")
+        packed, _, _ = need(main, ("I32",), (out, -(-n // 8)))
+        scale, sdt, _ = need(module + ".weight_scale", ("BF16", "F16", "F32"), (out, n // g))
+        return Int4Weight(module + ".weight", packed, scale, sdt, (out, n), g, where)
+
+    # NVFP4
+    if n % NVFP4_GROUP:
+        raise MinidiffError(f"{where}: {main}: in_features {n} is not a multiple of 16 (NVFP4)")
+    packed, _, _ = need(main, ("U8",), (out, n // 2))
+    scale, _, _ = need(module + ".weight_scale", ("F8_E4M3",), (out, n // NVFP4_GROUP))
+    second = module + (".weight_global_scale" if scheme.method == "nvfp4-ct" else ".weight_scale_2")
+    raw2, _, sh2 = need(second, ("F32",))
+    if int(np.prod(sh2, dtype=np.int64)) != 1:
+        raise MinidiffError(f"{_where(ckpt, second)}: {second} has shape {list(sh2)}, expected a single value")
+    v2 = np.float32(np.asarray(raw2).reshape(-1)[0])
+    if not np.isfinite(v2) or v2 <= 0:
+        raise MinidiffError(f"{_where(ckpt, second)}: {second} = {float(v2)}, expected a positive finite scale")
+    if scheme.method == "nvfp4-ct":
+        return NVFP4Weight(module + ".weight", packed, scale, (out, n), global_scale=v2, where=where)
+    return NVFP4Weight(module + ".weight", packed, scale, (out, n), scale_2=v2, where=where)
+
+
+EXPERT_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+def load_quantized(ckpt, name: str, shape: tuple, quantization_config: dict | None) -> QuantTensor | None:
+    """The loader hook: the dense weight `name` of `shape` read from its quantized tensors, or None
+    if nothing quantized is stored under that name. Disagreements (shapes, dtypes, group size, scales,
+    an unsupported method) raise MinidiffError naming the tensor and file.
+
+    2-D Linear weights `M.weight` are read from M.weight_packed/… (compressed-tensors) or from a U8
+    M.weight/… (ModelOpt); the fused 3-D `…experts.gate_up_proj` [E, 2I, H] / `…experts.down_proj`
+    [E, H, I] from the per-expert `…experts.{e}.gate_proj|up_proj|down_proj` modules.
+    """
+    shape = tuple(int(s) for s in shape)
+    base, _, leaf = name.rpartition(".")
+    if len(shape) == 3 and leaf in EXPERT_PARTS and base.endswith("experts"):
+        E, rows, n = shape
+        parts_names = EXPERT_PARTS[leaf]
+        part_rows = rows // len(parts_names)
+        kinds = {}
+        for e in range(E):
+            for p in parts_names:
+                kinds[(e, p)] = _stored_kind(ckpt, f"{base}.{e}.{p}")
+        if not any(kinds.values()):
+            return None
+        missing = [f"{base}.{e}.{p}" for (e, p), k in kinds.items() if k is None]
+        if missing:
+            raise MinidiffError(f"{ckpt.folder}: {name} is stored per expert, but {missing[0]} has no quantized "
+                                f"weight" + (f" (and {len(missing) - 1} more are missing)" if len(missing) > 1 else ""))
+        parts = [[_load_2d(ckpt, f"{base}.{e}.{p}", (part_rows, n), quantization_config, kinds[(e, p)])
+                  for p in parts_names] for e in range(E)]
+        return QuantExperts(name, parts, shape)
+    if len(shape) != 2 or not name.endswith(".weight"):
+        return None
+    module = name[: -len(".weight")]
+    kind = _stored_kind(ckpt, module)
+    if kind is None:
+        return None
+    return _load_2d(ckpt, module, shape, quantization_config, kind)
+
+
+def dense(w) -> np.ndarray:
+    """A weight as a float32 array: ndarrays pass through, quantized tensors are dequantized."""
+    return w if isinstance(w, np.ndarray) else w.dequantize()
