@@ -469,7 +469,7 @@ def _modelopt_cfg(ckpt, quantization_config) -> tuple[dict, str] | None:
     """The ModelOpt settings, from config.json (quant_method: modelopt) or hf_quant_config.json."""
     if isinstance(quantization_config, dict) and quantization_config.get("quant_method") == "modelopt":
         q = quantization_config
-        return (q.get("quantization", q), "config.json")
+        return (q.get("quantization", q), str(Path(getattr(ckpt, "folder", ".")) / "config.json"))
     path = Path(getattr(ckpt, "folder", ".")) / "hf_quant_config.json"
     if path.is_file():
         try:
@@ -533,7 +533,7 @@ def _scheme_for(ckpt, module, tensor, kind, quantization_config) -> Scheme:
     if method != "compressed-tensors":
         raise MinidiffError(f"{where}: {tensor}: unsupported quantization method {method!r} "
                             f"(minidiff reads compressed-tensors and modelopt)")
-    s = _ct_scheme(q, module, tensor, "config.json quantization_config")
+    s = _ct_scheme(q, module, tensor, f"{Path(getattr(ckpt, 'folder', '.')) / 'config.json'}")
     if s is None:
         raise MinidiffError(f"{where}: {tensor} is stored quantized but config.json's quantization_config "
                             f"does not target {module} (ignored or in no config group)")
