@@ -61,18 +61,18 @@ def attention(xp, q, k, v, mask=None):
     """Scaled-by-1.0 dot-product attention with grouped KV heads.
 
     q [T, nh, hd], k/v [S, nkv, hd], mask [T, S] bool (True = may attend) or None -> [T, nh * hd].
-    KV head j serves query heads j*rep ... j*rep + rep - 1.
+    KV head j serves query heads j*rep ... j*rep + rep - 1, so those rep heads are stacked as rows.
     """
     T, nh, hd = q.shape
-    nkv = k.shape[1]
-    qg = q.reshape(T, nkv, nh // nkv, hd).transpose(1, 2, 0, 3)        # [nkv, rep, T, hd]
-    kt = k.transpose(1, 2, 0)[:, None]                                 # [nkv, 1, hd, S]
-    scores = qg @ kt                                                   # [nkv, rep, T, S]  (scale 1.0, no softcap)
+    nkv, rep = k.shape[1], nh // k.shape[1]
+    qg = xp.ascontiguousarray(q.reshape(T, nkv, rep, hd).transpose(1, 2, 0, 3)).reshape(nkv, rep * T, hd)
+    kt = xp.ascontiguousarray(k.transpose(1, 2, 0))                    # [nkv, hd, S]
+    scores = (qg @ kt).reshape(nkv, rep, T, -1)                        # [nkv, rep, T, S]  (scale 1.0, no softcap)
     if mask is not None:
         scores = xp.where(mask, scores, -xp.inf)
-    p = softmax(xp, scores)
-    o = p @ v.transpose(1, 0, 2)[:, None]                              # [nkv, rep, T, hd]
-    return o.transpose(2, 0, 1, 3).reshape(T, nh * hd)                 # head-major concat
+    p = softmax(xp, scores).reshape(nkv, rep * T, -1)
+    o = p @ xp.ascontiguousarray(v.transpose(1, 0, 2))                 # [nkv, rep*T, hd]
+    return o.reshape(nkv, rep, T, hd).transpose(2, 0, 1, 3).reshape(T, nh * hd)   # head-major concat
 
 
 def dense(W):
