@@ -307,7 +307,7 @@ class Model:
             h, _, _ = self.layer(i, h, positions, cache.keys[i], cache.values[i], None, "denoise")
         logits = rms_norm(xp, h, self.final_norm, eps) @ dense(self.embed_tokens).T   # tied head [C, V]
         cap = cfg.final_logit_softcapping
-        return (cap * xp.tanh(logits.astype(xp.float32) / cap)).astype(xp.float32)
+        return cap * xp.tanh(logits.astype(xp.float32, copy=False) / cap)
 
     def generate(self, prompt_ids, **kwargs):
         """Block-diffusion generation; see `minidiff.sampler.generate`."""
