@@ -81,3 +81,14 @@ def test_release_rope_frequencies():
     np.testing.assert_allclose(full[:64], 1e6 ** (-np.arange(0, 128, 2) / 512), rtol=1e-6)
     sliding = rope_inv_freq({"rope_type": "default", "rope_theta": 1e4}, 256, "x")
     np.testing.assert_allclose(sliding, 1e4 ** (-np.arange(0, 256, 2) / 256), rtol=1e-6)
+
+
+def test_f16_and_f32_tensors_are_read_as_float32(tmp_path):
+    from safetensors.numpy import save_file
+    from minidiff.weights import open_checkpoint
+    a = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    save_file({"h": a.astype(np.float16), "f": a}, str(tmp_path / "model.safetensors"))
+    ck = open_checkpoint(tmp_path)
+    assert ck.dtype("h") == "F16" and ck.get("h").dtype == np.float32
+    np.testing.assert_array_equal(ck.get("h"), a.astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(ck.get("f"), a)
