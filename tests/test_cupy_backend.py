@@ -1,0 +1,28 @@
+"""The CuPy backend runs the same model code: golden outputs on the GPU (skipped without one)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+cupy = pytest.importorskip("cupy")
+try:
+    if cupy.cuda.runtime.getDeviceCount() < 1:
+        raise RuntimeError
+except Exception:
+    pytest.skip("no usable CUDA device", allow_module_level=True)
+
+import minidiff  # noqa: E402
+from safetensors.numpy import load_file  # noqa: E402
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def test_golden_on_gpu():
+    exp = load_file(str(GOLDEN / "expected.safetensors"))
+    model = minidiff.load(GOLDEN / "tiny", device="cuda")
+    cache = model.encode(exp["prompt"])
+    logits = model.denoise(exp["canvas1"], cache)
+    assert isinstance(logits, cupy.ndarray)
+    tol = 1e-4 * max(1.0, float(np.abs(exp["logits"]).max()))
+    assert float(np.abs(cupy.asnumpy(logits) - exp["logits"]).max()) <= tol
