@@ -15,7 +15,7 @@ import numpy as np
 from .errors import MinidiffError
 
 SLIDING, FULL = "sliding_attention", "full_attention"
-FINAL_LOGIT_SOFTCAP = 30.0  # a class attribute in the reference, never written to config.json
+FINAL_LOGIT_SOFTCAP = 30.0  # a class attribute in the reference: saved configs omit it; read it when present
 
 
 @dataclass
@@ -193,11 +193,12 @@ def parse_config(root: dict) -> ModelConfig:
         sliding_window=_int(tc, "sliding_window", w, lo=2),
         rms_norm_eps=float(_num(tc, "rms_norm_eps", w, lo=0.0, hi=1.0, default=1e-6)),
         canvas_length=_int(root, "canvas_length", "root", default=256),
-        max_position_embeddings=_int(tc, "max_position_embeddings", w, default=262144),
+        max_position_embeddings=_int(tc, "max_position_embeddings", w, default=131072),  # the reference's default
         layers=layers,
         bos_token_id=_int(tc, "bos_token_id", w, lo=0, default=2),
         pad_token_id=_int(tc, "pad_token_id", w, lo=0, default=0),
         eos_token_ids=eos,
+        final_logit_softcapping=float(_num(tc, "final_logit_softcapping", w, lo=1e-6, default=FINAL_LOGIT_SOFTCAP)),
         quantization_config=root.get("quantization_config"),
     )
 

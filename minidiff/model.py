@@ -105,6 +105,17 @@ def route(xp, res, w, cfg: ModelConfig):
     return idx, top * w["router.per_expert_scale"][idx]
 
 
+def expert_weights(xp, W, active):
+    """The weights of the active experts [A, out, in] from a stacked [E, out, in] tensor.
+
+    Packed (int4/NVFP4) and memory-mapped bf16 tensors expand only these experts; a plain array is
+    used whole when every expert is active (no copy).
+    """
+    if hasattr(W, "dequantize"):
+        return xp.stack([xp.asarray(W[int(e)]) for e in active])
+    return W if len(active) == W.shape[0] else W[active]
+
+
 def experts(xp, x, idx, weight, gate_up, down):
     """Routed experts, computed by grouping tokens per expert (one batched GEMM, no per-token loop).
 
@@ -112,25 +123,25 @@ def experts(xp, x, idx, weight, gate_up, down):
     Ie: up), down [E, H, Ie]  ->  [T, H] = sum over the k chosen experts of weight · expert(x).
 
     The T·k (token, expert) assignments are sorted by expert and scattered into a padded batch
-    X [E, M, H] (M = the busiest expert's count), so every expert's tokens go through its weights in
-    one stacked matmul.
+    X [A, M, H] (A = experts with at least one token, M = the busiest expert's count), so every
+    expert's tokens go through its weights in one stacked matmul.
     """
     T, k = idx.shape
-    gate_up, down = dense(gate_up), dense(down)
-    E, two_ie, H = gate_up.shape
+    H = x.shape[1]
     flat = idx.reshape(-1)                                             # [T*k] expert of each assignment
     order = xp.argsort(flat, kind="stable")                           # assignments grouped by expert
-    e_of = flat[order]                                                 # [T*k] sorted expert ids
-    counts = xp.bincount(flat, minlength=E)                            # [E]
-    slot = xp.arange(T * k) - (xp.cumsum(counts) - counts)[e_of]      # row within the expert's group
-    M = int(counts.max())
-    X = xp.zeros((E, M, H), dtype=x.dtype)
-    X[e_of, slot] = x[order // k]                                      # [E, M, H]
-    gu = X @ gate_up.transpose(0, 2, 1)                                # [E, M, 2Ie]
-    act = gelu_tanh(xp, gu[..., : two_ie // 2]) * gu[..., two_ie // 2:]
-    Y = act @ down.transpose(0, 2, 1)                                  # [E, M, H]
+    counts = xp.bincount(flat, minlength=gate_up.shape[0])             # [E] tokens per expert
+    active = xp.flatnonzero(counts)                                    # [A] experts in use
+    group = xp.cumsum(counts > 0)[flat[order]] - 1                     # [T*k] row of X's batch axis
+    slot = xp.arange(T * k) - (xp.cumsum(counts) - counts)[flat[order]]   # row within the expert's group
+    X = xp.zeros((active.shape[0], int(counts.max()), H), dtype=x.dtype)
+    X[group, slot] = x[order // k]                                     # [A, M, H]
+    gu = X @ expert_weights(xp, gate_up, active).transpose(0, 2, 1)    # [A, M, 2Ie]
+    ie = gu.shape[-1] // 2
+    act = gelu_tanh(xp, gu[..., :ie]) * gu[..., ie:]                   # gate first, then up
+    Y = act @ expert_weights(xp, down, active).transpose(0, 2, 1)      # [A, M, H]
     y = xp.empty((T * k, H), dtype=x.dtype)
-    y[order] = Y[e_of, slot] * weight.reshape(-1)[order][:, None]      # back to (token, slot) order
+    y[order] = Y[group, slot] * weight.reshape(-1)[order][:, None]     # back to (token, slot) order
     return y.reshape(T, k, H).sum(axis=1)                              # [T, H]
 
 

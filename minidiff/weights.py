@@ -128,6 +128,9 @@ class Checkpoint:
             for p in shards:
                 self.files[p.name] = f = SafetensorsFile(p)
                 for name in f.entries:
+                    if name in self.where:
+                        raise MinidiffError(f"{self.folder}: tensor {name} is in both {self.where[name]} and {p.name} "
+                                            "(and there is no model.safetensors.index.json to choose)")
                     self.where[name] = p.name
 
     def names(self) -> list[str]:
@@ -249,6 +252,8 @@ def load_text_weights(ckpt: Checkpoint, cfg: ModelConfig) -> dict:
             if tuple(ckpt.shape(name)) != shape:
                 raise MinidiffError(f"{ckpt.file_of(name)}: tensor {name} has shape {list(ckpt.shape(name))}, "
                                     f"expected {list(shape)} from config.json")
+            if ckpt.dtype(name) not in FLOAT_DTYPES:
+                raise MinidiffError(f"{ckpt.file_of(name)}: tensor {name} has dtype {ckpt.dtype(name)}, expected a float type")
             big = len(shape) == 3 and ckpt.dtype(name) != "F32"
             out[name] = LazyFloat(ckpt, name) if big else ckpt.get(name)
             continue

@@ -92,3 +92,23 @@ def test_f16_and_f32_tensors_are_read_as_float32(tmp_path):
     assert ck.dtype("h") == "F16" and ck.get("h").dtype == np.float32
     np.testing.assert_array_equal(ck.get("h"), a.astype(np.float16).astype(np.float32))
     np.testing.assert_array_equal(ck.get("f"), a)
+
+
+def test_lazy_and_dense_experts_give_identical_logits():
+    """Per-expert widening of memory-mapped bf16 experts == the same experts held as dense arrays."""
+    lazy = minidiff.load(GOLDEN)
+    dense = minidiff.load(GOLDEN)
+    for layer in dense.layers:
+        for k in ("experts.gate_up_proj", "experts.down_proj"):
+            layer[k] = layer[k].dequantize()
+    for ids in ([2, 3], list(range(2, 40))):   # few tokens: some experts idle; many: all active
+        np.testing.assert_array_equal(lazy.denoise([5, 6, 7], lazy.encode(ids)), dense.denoise([5, 6, 7], dense.encode(ids)))
+
+
+def test_same_tensor_in_two_unindexed_files_is_an_error(tmp_path):
+    from safetensors.numpy import save_file
+    from minidiff.weights import open_checkpoint
+    save_file({"a": np.zeros(2, np.float32)}, str(tmp_path / "x.safetensors"))
+    save_file({"a": np.ones(2, np.float32)}, str(tmp_path / "y.safetensors"))
+    with pytest.raises(MinidiffError, match="tensor a is in both x.safetensors and y.safetensors"):
+        open_checkpoint(tmp_path)
