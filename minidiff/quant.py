@@ -77,6 +77,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MinidiffError
+from .weights import bf16_to_f32, f32_to_bf16_bits  # noqa: F401  (f32_to_bf16_bits is used by quantize.py)
 
 # ================================================================================================
 # int4: pack / unpack / quantize / dequantize
@@ -161,16 +162,8 @@ def dequant_int4(packed: np.ndarray, scale: np.ndarray, in_features: int) -> np.
 # float formats: bf16 / fp8 E4M3 / fp4 E2M1
 # ================================================================================================
 
-def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
-    """Raw bfloat16 bits (uint16) -> float32 (the bf16 value is the top half of the f32 word)."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
-
-
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> raw bfloat16 bits, round to nearest even (torch's `.to(torch.bfloat16)`)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    out = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-    return np.where(np.isnan(x), np.uint16(0x7FC0), out)
+# bf16 <-> f32 bit conversions live in weights.py (the loader needs them too)
+bf16_bits_to_f32 = bf16_to_f32
 
 
 def round_up_to(x: np.ndarray, dtype: str) -> np.ndarray:

@@ -248,17 +248,17 @@ def load_text_weights(ckpt: Checkpoint, cfg: ModelConfig) -> dict:
     """
     out = {}
     for name, shape in expected_tensors(cfg).items():
-        if ckpt.has(name):
+        if ckpt.has(name) and ckpt.dtype(name) in FLOAT_DTYPES:
             if tuple(ckpt.shape(name)) != shape:
                 raise MinidiffError(f"{ckpt.file_of(name)}: tensor {name} has shape {list(ckpt.shape(name))}, "
                                     f"expected {list(shape)} from config.json")
-            if ckpt.dtype(name) not in FLOAT_DTYPES:
-                raise MinidiffError(f"{ckpt.file_of(name)}: tensor {name} has dtype {ckpt.dtype(name)}, expected a float type")
             big = len(shape) == 3 and ckpt.dtype(name) != "F32"
             out[name] = LazyFloat(ckpt, name) if big else ckpt.get(name)
             continue
         from . import quant  # only needed for low-bit checkpoints
         q = quant.load_quantized(ckpt, name, shape, cfg.quantization_config)
+        if q is None and ckpt.has(name):   # e.g. an integer tensor under a float weight's name
+            raise MinidiffError(f"{ckpt.file_of(name)}: tensor {name} has dtype {ckpt.dtype(name)}, expected a float type")
         if q is None:
             raise MinidiffError(f"{ckpt.folder}: missing tensor {name} (shape {list(shape)})")
         out[name] = q

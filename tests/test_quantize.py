@@ -103,12 +103,7 @@ def set_weights(model, weights: dict):
 def test_quantized_folder_matches_fake_quantized_oracle(src, tmp_path, fmt, g):
     ref, path = src
     dst = QZ.convert(path, tmp_path / fmt, group_size=32 if fmt != "int4" else g, fmt=fmt)
-    try:
-        model = minidiff.load(dst)
-    except MinidiffError as e:
-        if fmt == "nvfp4-modelopt" and "has shape" in str(e):
-            pytest.xfail("minidiff/weights.py does not yet route U8 `.weight` tensors to quant.load_quantized")
-        raise
+    model = minidiff.load(dst)
     fake = tinyckpt.build_model(TEXT, seed=3)
     set_weights(fake, weights_of(dst))
     rng = np.random.default_rng(0)
