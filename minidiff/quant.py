@@ -70,7 +70,6 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import math
 import re
 from pathlib import Path
 

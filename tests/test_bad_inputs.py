@@ -161,7 +161,7 @@ def test_canvas_ids_out_of_vocabulary(model_dir):
 
 def test_bad_cli_values(model_dir):
     assert_one_line_error(*run_trace(model_dir, prompt="2,x,9"), "--prompt-ids")
-    assert_one_line_error(*run_trace(tmp := model_dir / "nope"), "not a model folder")
+    assert_one_line_error(*run_trace(model_dir / "nope"), "not a model folder")
 
 
 def test_prompt_longer_than_context(model_dir):

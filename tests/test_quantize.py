@@ -23,7 +23,6 @@ from minidiff import quant as Q  # noqa: E402
 from minidiff import quantize as QZ  # noqa: E402
 from minidiff.cli import main  # noqa: E402
 from minidiff.config import load_config  # noqa: E402
-from minidiff.errors import MinidiffError  # noqa: E402
 from minidiff.weights import load_text_weights, open_checkpoint  # noqa: E402
 
 TEXT = dict(tinyckpt.TINY, moe_intermediate_size=32)  # every width a multiple of 16 (NVFP4 needs it)

@@ -114,7 +114,7 @@ def main(argv=None):
             rows += measure(name, work, n_pairs=a.pairs, with_steps=not a.no_steps)
             print(f"{name}: done", file=sys.stderr)
         print(render(rows))
-        print(f"\n(mean |logit| of the fp32 model: " + ", ".join(
+        print("\n(mean |logit| of the fp32 model: " + ", ".join(
             f"{r['config']} {r['scale']:.2f}" for r in rows if r["variant"] == "fp32") + ")")
 
 
