@@ -1,0 +1,383 @@
+"""`minidiff generate` and `minidiff chat`: text in, text out, with a live view of the denoising canvas.
+
+On a terminal the canvas being denoised is redrawn after every step (docs/cli.md):
+
+    canvas 2/4  step 13/48  T 0.63  accepted 7/32  mean H 1.21 nats
+    the quick brown ▒fox jumps▒ over ...        draft (argmax): accepted / renoised / held
+    ▁▁▂█▇▁▁▃▆█▁▁▂▂▁▁▁▇██▆▅▁▁▂▁▁▁▁▃▁▁           per-position entropy, 0 .. log V
+
+then the final text replaces it. Piped (not a terminal), only the final text is printed. A closing line on
+stderr gives canvases, steps per canvas, tokens per forward and tokens/s. Ctrl-C prints what is committed
+and exits 130 (`chat`: cancels the reply being generated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import shutil
+import sys
+import time
+
+import numpy as np
+
+from .errors import MinidiffError
+
+RANDOM_NOTE = ("Without --model, the embedded tiny default model is used: its weights are random, so its "
+               "text is gibberish (it is there to try the tool offline).")
+
+
+# ----------------------------------------------------------------------------------------------
+# arguments
+
+
+def _int_list(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {s!r}")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="DIR|HUB_ID", default=None,
+                   help="model folder or Hugging Face hub id (default: the embedded tiny random model)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="NumPy (cpu) or CuPy (cuda)")
+    s = p.add_argument_group("sampler (defaults: the model's generation_config.json, else the reference's)")
+    s.add_argument("--max-new-tokens", type=int, metavar="N", help="rounded up to whole canvases (256)")
+    s.add_argument("--steps", "--max-denoising-steps", dest="max_denoising_steps", type=int, metavar="N",
+                   help="denoising steps per canvas at most (48)")
+    s.add_argument("--entropy-bound", type=float, metavar="NATS", help="acceptance budget per step (0.1)")
+    s.add_argument("--t-min", type=float, metavar="T", help="temperature end point (0.4)")
+    s.add_argument("--t-max", type=float, metavar="T", help="temperature at the first step (0.8)")
+    s.add_argument("--stability-threshold", type=int, metavar="S", help="steps the argmax must stay equal (1)")
+    s.add_argument("--confidence-threshold", type=float, metavar="H", help="mean entropy to stop below (0.005)")
+    s.add_argument("--no-early-stop", action="store_true", help="always run every denoising step")
+    s.add_argument("--eos-token-id", type=_int_list, metavar="IDS", help="stop ids, comma-separated ([1,106,50])")
+    s.add_argument("--greedy", action="store_true", help="temperature 0: sample = argmax (not in the reference)")
+    s.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed in the closing line)")
+    c = p.add_argument_group("prompt format")
+    c.add_argument("--system", metavar="TEXT", help="system message (chat format)")
+    c.add_argument("--think", dest="enable_thinking", action="store_true", default=False,
+                   help="thinking mode: the model reasons in a thought channel first")
+    c.add_argument("--no-think", dest="enable_thinking", action="store_false", help="no thinking (default)")
+    c.add_argument("--show-thoughts", action="store_true", help="print the thought channel before the answer")
+    v = p.add_argument_group("display")
+    v.add_argument("--live", dest="live", action="store_true", default=None,
+                   help="live denoising view (default: on when stdout is a terminal)")
+    v.add_argument("--no-live", dest="live", action="store_false", help="no live view")
+    v.add_argument("--no-color", action="store_true", help="live view without ANSI colours")
+    v.add_argument("--quiet", "-q", action="store_true", help="no closing statistics line")
+
+
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Generate text after PROMPT with DiffusionGemma's entropy-bound sampler. " + RANDOM_NOTE)
+    p.add_argument("prompt", nargs="?", metavar="PROMPT", help="the prompt (default: read from stdin)")
+    fmt = p.add_mutually_exclusive_group()
+    fmt.add_argument("--chat", dest="format", action="store_const", const="chat",
+                     help="wrap PROMPT as a user turn with the model's chat template (default when it has one)")
+    fmt.add_argument("--raw", dest="format", action="store_const", const="raw",
+                     help="use PROMPT as is (<bos> + tokens)")
+    p.add_argument("--infill", metavar="TEMPLATE",
+                   help="fix tokens of the answer: text is held, [[N]] marks N free tokens to fill, e.g. "
+                        "'def add(a, b):[[12]]print(add(1, 2))'; the rest of the canvases is free")
+    _add_common(p)
+
+
+def add_chat_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = ("Multi-turn chat (/reset, /think, /nothink, /exit). " + RANDOM_NOTE)
+    _add_common(p)
+
+
+def sampler_overrides(args) -> dict:
+    kw = {}
+    for name in ("max_new_tokens", "max_denoising_steps", "entropy_bound", "t_min", "t_max", "stability_threshold",
+                 "confidence_threshold", "eos_token_id", "seed"):
+        v = getattr(args, name, None)
+        if v is not None:
+            kw[name] = v
+    if args.no_early_stop:
+        kw["stability_threshold"] = kw["confidence_threshold"] = None
+    if args.greedy:
+        kw["greedy"] = True
+    return kw
+
+
+# ----------------------------------------------------------------------------------------------
+# the session: model + tokenizer + template + sampler settings
+
+
+class Session:
+    def __init__(self, args, want_chat: bool | None):
+        from . import load
+        from .chat import ChatTemplate
+        from .sampler import resolve_config
+        from .tokenizer import Tokenizer
+
+        self.model = load(args.model, device=args.device)
+        self.tok = Tokenizer.from_folder(self.model.folder)
+        if self.tok.vocab_size > self.model.config.vocab_size:
+            raise MinidiffError(f"tokenizer has {self.tok.vocab_size} tokens, the model only {self.model.config.vocab_size}")
+        self.template = None
+        if want_chat is not False:
+            try:
+                self.template = ChatTemplate.from_folder(self.model.folder)
+            except MinidiffError:
+                if want_chat:
+                    raise
+        self.overrides = sampler_overrides(args)
+        self.config = resolve_config(self.model, None, **self.overrides)    # validates the options now
+        mc = self.model.config
+        self.stop_ids = set(self.config.eos_token_id if self.config.eos_token_id is not None else mc.eos_token_ids)
+        self.pad = self.config.pad_token_id if self.config.pad_token_id is not None else mc.pad_token_id
+
+    def prompt_ids(self, messages=None, raw: str | None = None, enable_thinking=False) -> list[int]:
+        if raw is not None:
+            return self.tok.encode(raw, add_bos=True)
+        return self.tok.encode(self.template.render(messages, enable_thinking=enable_thinking))
+
+    def text(self, tokens) -> str:
+        from .chat import response_ids
+        return self.tok.decode(response_ids(tokens, self.stop_ids, self.pad))
+
+
+def parse_infill(template: str, tok) -> list[int]:
+    """'text[[N]]text' -> ids with -1 for each free token."""
+    out = []
+    for part in re.split(r"(\[\[\d+\]\])", template):
+        m = re.fullmatch(r"\[\[(\d+)\]\]", part)
+        if m:
+            out += [-1] * int(m.group(1))
+        elif part:
+            out += tok.encode(part)
+    if not out:
+        raise MinidiffError("--infill: empty template")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# live view
+
+BARS = " ▁▂▃▄▅▆▇█"
+GREEN, RED, CYAN, DIM, BOLD, RESET = "\x1b[32m", "\x1b[31m", "\x1b[36m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
+
+
+class LiveView:
+    """Redraws the canvas under the committed text after every step (stdout must be a terminal)."""
+
+    def __init__(self, tok, stream, vocab_size: int, color: bool = True, min_interval: float = 0.03):
+        self.tok, self.out, self.color = tok, stream, color
+        self.logV = math.log(vocab_size)
+        self.lines = 0
+        self.last = 0.0
+        self.min_interval = min_interval
+        self.committed = ""
+        self.n_canvases = None
+
+    def c(self, code, s):
+        return f"{code}{s}{RESET}" if self.color else s
+
+    def __call__(self, e):
+        if e.kind == "commit":
+            return
+        now = time.perf_counter()
+        last_step = e.step + 1 == e.max_steps or bool(e.done.all())
+        if now - self.last < self.min_interval and not last_step:
+            return
+        self.last = now
+        self.draw(self.frame(e))
+
+    def frame(self, e) -> list[str]:
+        width = max(20, shutil.get_terminal_size((80, 24)).columns - 1)
+        row = 0
+        acc, H, draft, held = e.accepted[row], e.entropy[row], e.argmax[row], e.fixed[row]
+        C = len(draft)
+        T = "-" if e.temperature is None else f"{e.temperature:.2f}"
+        head = (f"canvas {e.canvas_index + 1}  step {e.step + 1}/{e.max_steps}  T {T}  "
+                f"accepted {int(acc.sum())}/{C}  mean H {float(H.mean()):.2f} nats")
+        # the draft (argmax) canvas, one piece per position, coloured by what the step did
+        cells, strip = [], []
+        for j in range(C):
+            piece = self.tok.piece(draft[j]).replace("\n", "↵").replace("\t", "→") or "·"
+            level = min(len(BARS) - 1, int(round(float(H[j]) / self.logV * (len(BARS) - 1))))
+            bar = BARS[level] if float(H[j]) > 0 or level else BARS[0]
+            bar = bar if bar != " " else "_"
+            if held[j]:
+                cells.append(self.c(CYAN + BOLD, piece)); strip.append(self.c(CYAN, bar))
+            elif acc[j]:
+                cells.append(self.c(GREEN, piece)); strip.append(self.c(GREEN, bar))
+            else:
+                cells.append(self.c(DIM + RED, piece)); strip.append(self.c(DIM + RED, bar))
+        lines = [self.c(BOLD, head)]
+        lines += _wrap_cells(self.committed.splitlines()[-3:] if self.committed else [], width, plain=True)
+        lines += _wrap_cells(cells, width, plain=False, visible=[len(self.tok.piece(d)) or 1 for d in draft])
+        lines += _wrap_cells(strip, width, plain=False, visible=[1] * C)
+        legend = (self.c(GREEN, "accepted") + "  " + self.c(DIM + RED, "renoised") + "  " + self.c(CYAN, "held")
+                  + "  entropy " + BARS[1:] + f" (0..{self.logV:.1f})")
+        return lines + [legend]
+
+    def draw(self, lines: list[str]):
+        if self.lines:
+            self.out.write(f"\x1b[{self.lines}F\x1b[J")
+        self.out.write("\n".join(lines) + "\n")
+        self.out.flush()
+        self.lines = len(lines)
+
+    def clear(self):
+        if self.lines:
+            self.out.write(f"\x1b[{self.lines}F\x1b[J")
+            self.out.flush()
+            self.lines = 0
+
+
+def _wrap_cells(cells, width, plain, visible=None):
+    """Lay cells out in lines of at most `width` visible characters (so redraws know their height)."""
+    if plain:
+        out = []
+        for line in cells:
+            while len(line) > width:
+                out.append(line[:width])
+                line = line[width:]
+            out.append(line)
+        return out
+    lines, cur, n = [], "", 0
+    for cell, w in zip(cells, visible):
+        w = min(w, width)
+        if n + w > width and cur:
+            lines.append(cur)
+            cur, n = "", 0
+        cur += cell
+        n += w
+    lines.append(cur)
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------
+# running
+
+
+def _generate(session, ids, show_live, args, infill=None, committed_prefix=""):
+    """One generation with the live view and Ctrl-C handling. -> (result | None, committed text)."""
+    from .sampler import generate
+
+    state = {"tokens": None}
+    view = LiveView(session.tok, sys.stdout, session.model.config.vocab_size, color=not args.no_color) \
+        if show_live else None
+
+    def callback(e):
+        if e.kind == "commit":
+            state["tokens"] = e.sequences[0]
+            if view is not None:
+                view.committed = committed_prefix + session.text(e.sequences[0])
+        if view is not None:
+            view(e)
+
+    overrides = dict(session.overrides)
+    if infill is not None and "max_new_tokens" not in overrides:
+        C = session.model.config.canvas_length
+        overrides["max_new_tokens"] = max(session.config.max_new_tokens, math.ceil(len(infill) / C) * C)
+    try:
+        result = generate(session.model, ids, callback=callback, infill=infill, **overrides)
+    except KeyboardInterrupt:
+        if view is not None:
+            view.clear()
+        tokens = state["tokens"]
+        return None, "" if tokens is None else session.text(tokens)
+    if view is not None:
+        view.clear()
+    return result, session.text(result.tokens[0])
+
+
+def _stats_line(result) -> str:
+    steps = "/".join(str(s) for s in result.steps_per_canvas)
+    n_tok = int(sum(np.count_nonzero(t != (result.config.pad_token_id or 0)) for t in result.tokens))
+    rate = n_tok / result.elapsed_s if result.elapsed_s > 0 else float("inf")
+    extra = "  (context full)" if result.context_limited else ""
+    return (f"minidiff: {result.canvases} canvas{'es' if result.canvases != 1 else ''}, steps per canvas {steps}, "
+            f"{float(np.mean(result.tokens_per_forward)):.2f} tokens/forward, {rate:.1f} tokens/s, "
+            f"{result.elapsed_s:.2f} s, seed {result.seed}{extra}")
+
+
+def _reply_text(session, text: str, args) -> str:
+    from .chat import format_reply
+    return format_reply(text, show_thoughts=args.show_thoughts)
+
+
+def run_generate(args) -> int:
+    prompt = args.prompt
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise MinidiffError("empty prompt: give PROMPT or pipe text on stdin")
+        prompt = sys.stdin.read()
+    if not prompt.strip() and not args.infill:
+        raise MinidiffError("empty prompt: give PROMPT or pipe text on stdin")
+    session = Session(args, want_chat={"chat": True, "raw": False}.get(args.format))
+    if session.template is not None:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": prompt}]
+        ids = session.prompt_ids(messages, enable_thinking=args.enable_thinking)
+    else:
+        if args.system or args.enable_thinking:
+            raise MinidiffError("--system and --think need the chat format (the model has no chat template)"
+                                if args.format != "raw" else "--system and --think need --chat, not --raw")
+        ids = session.prompt_ids(raw=prompt)
+    infill = parse_infill(args.infill, session.tok) if args.infill else None
+    live = args.live if args.live is not None else sys.stdout.isatty()
+
+    result, text = _generate(session, ids, live, args, infill=infill)
+    if result is None:                                   # Ctrl-C: what is committed, then 130
+        sys.stdout.write(_reply_text(session, text, args) + "\n")
+        sys.stdout.flush()
+        print("minidiff: interrupted (committed canvases printed)", file=sys.stderr)
+        return 130
+    sys.stdout.write(_reply_text(session, text, args) if session.template is not None else text)
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if not args.quiet:
+        print(_stats_line(result), file=sys.stderr)
+    return 0
+
+
+def run_chat(args) -> int:
+    session = Session(args, want_chat=True)
+    interactive = sys.stdin.isatty()
+    live = args.live if args.live is not None else sys.stdout.isatty()
+    thinking = args.enable_thinking
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    if interactive:
+        print("minidiff chat: /reset clears the history, /think and /nothink switch thinking, /exit quits.",
+              file=sys.stderr)
+        if args.model is None:
+            print("minidiff: " + RANDOM_NOTE, file=sys.stderr)
+    while True:
+        try:
+            line = input("> " if interactive else "")
+        except EOFError:
+            return 0
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return 130
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if line in ("/think", "/nothink"):
+            thinking = line == "/think"
+            print(f"minidiff: thinking {'on' if thinking else 'off'}", file=sys.stderr)
+            continue
+        messages.append({"role": "user", "content": line})
+        ids = session.prompt_ids(messages, enable_thinking=thinking)
+        result, text = _generate(session, ids, live, args)
+        from .chat import split_thoughts
+        _, answer = split_thoughts(text)
+        print(_reply_text(session, text, args))
+        sys.stdout.flush()
+        if result is None:
+            print("minidiff: reply interrupted", file=sys.stderr)
+        elif not args.quiet:
+            print(_stats_line(result), file=sys.stderr)
+        messages.append({"role": "assistant", "content": answer.strip("\n")})
