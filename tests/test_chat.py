@@ -1,0 +1,101 @@
+"""Chat template (Gemma 4 format, sandboxed) and the thought channel."""
+
+import json
+
+import pytest
+
+import minidiff
+from minidiff.chat import ChatTemplate, format_reply, response_ids, split_thoughts
+from minidiff.errors import MinidiffError
+
+FOLDER = minidiff.loader.DEFAULT_MODEL
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}],
+    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<|channel>thought\nhmm<channel|>Hello!"},
+     {"role": "user", "content": "Again"}],
+    [{"role": "user", "content": [{"type": "text", "text": "  spaced  "}]}],
+]
+
+
+@pytest.fixture(scope="module")
+def tpl():
+    return ChatTemplate.from_folder(FOLDER)
+
+
+def test_gemma4_format(tpl):
+    assert tpl.render(CONVERSATIONS[0]) == "<bos><|turn>user\nHi<turn|>\n<|turn>model\n"
+    assert tpl.render(CONVERSATIONS[0], enable_thinking=True) == \
+        "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"
+    assert tpl.render(CONVERSATIONS[1]) == \
+        "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nWhy is the sky blue?<turn|>\n<|turn>model\n"
+    assert tpl.render(CONVERSATIONS[1], enable_thinking=True).startswith("<bos><|turn>system\n<|think|>\nBe brief.")
+    # earlier thoughts are stripped from model turns; the assistant role is rendered as "model"
+    assert tpl.render(CONVERSATIONS[2]) == ("<bos><|turn>user\nHi<turn|>\n<|turn>model\nHello!<turn|>\n"
+                                            "<|turn>user\nAgain<turn|>\n<|turn>model\n")
+    assert tpl.render(CONVERSATIONS[0], add_generation_prompt=False) == "<bos><|turn>user\nHi<turn|>\n"
+    # non-thinking mode: no empty thought channel after the generation prompt (current template form)
+    assert "<|channel>" not in tpl.render(CONVERSATIONS[0])
+
+
+@pytest.mark.parametrize("i", range(len(CONVERSATIONS)))
+@pytest.mark.parametrize("thinking", [False, True])
+def test_same_as_transformers(tpl, i, thinking):
+    pytest.importorskip("transformers")
+    from transformers.utils.chat_template_utils import render_jinja_template
+    want = render_jinja_template([CONVERSATIONS[i]], chat_template=tpl.source, add_generation_prompt=True,
+                                 enable_thinking=thinking, bos_token="<bos>", eos_token="<eos>")
+    want = want[0][0] if isinstance(want, tuple) else want
+    want = want[0] if isinstance(want, list) else want
+    assert tpl.render(CONVERSATIONS[i], enable_thinking=thinking) == want
+
+
+def test_tools_render_with_unescaped_json(tpl):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather <now> & later",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string", "description": "City"}},
+                                                   "required": ["city"]}}}]
+    out = tpl.render(CONVERSATIONS[0], tools=tools)
+    assert "<|tool>" in out and "get_weather" in out and "Weather <now> & later" in out
+
+
+def test_sandbox_blocks_unsafe_templates():
+    evil = ChatTemplate("{{ ''.__class__.__mro__[1].__subclasses__() }}")
+    with pytest.raises(MinidiffError, match="rendering failed"):
+        evil.render(CONVERSATIONS[0])
+    mutate = ChatTemplate("{% set x = messages.append(1) %}{{ messages|length }}")
+    with pytest.raises(MinidiffError, match="rendering failed"):            # immutable sandbox
+        mutate.render(CONVERSATIONS[0])
+    with pytest.raises(MinidiffError, match="chat template: no system"):
+        ChatTemplate("{{ raise_exception('no system') }}").render(CONVERSATIONS[0])
+    with pytest.raises(MinidiffError, match="not a valid jinja2 template"):
+        ChatTemplate("{% if %}")
+
+
+def test_template_from_tokenizer_config(tmp_path):
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": {"content": "<s>"}, "chat_template": [{"name": "default", "template": "{{ bos_token }}X"}]}))
+    assert ChatTemplate.from_folder(tmp_path).render([]) == "<s>X"
+    with pytest.raises(MinidiffError, match="no chat template"):
+        ChatTemplate.from_folder(tmp_path / "none")
+
+
+@pytest.mark.parametrize("text, thought, answer", [
+    ("<|channel>thought\nLet me think.<channel|>Paris.", "Let me think.", "Paris."),
+    ("Paris.", None, "Paris."),
+    ("<|channel>thought\nstill thinking", "still thinking", ""),
+    ("<|channel>thought\na\n<channel|>x<|channel>thought\nb<channel|>y", "a\nb", "xy"),
+])
+def test_split_thoughts(text, thought, answer):
+    assert split_thoughts(text) == (thought, answer)
+
+
+def test_format_reply_hides_or_shows():
+    text = "<|channel>thought\nLet me think.<channel|>Paris."
+    assert format_reply(text, show_thoughts=False) == "Paris."
+    assert format_reply(text, show_thoughts=True) == "[thinking]\nLet me think.\n[/thinking]\nParis."
+
+
+def test_response_ids_cut_at_the_first_stop():
+    assert response_ids([5, 6, 0, 7, 106, 8, 1], {1, 106, 50}, 0) == [5, 6, 7]
