@@ -75,6 +75,28 @@ def attention(xp, q, k, v, mask=None):
     return o.reshape(nkv, rep, T, hd).transpose(2, 0, 1, 3).reshape(T, nh * hd)   # head-major concat
 
 
+def causal_attention(xp, q, keys, values, positions, key_positions, window=None, block=256):
+    """Encoder attention: causal, and banded on sliding layers, computed in blocks of queries.
+
+    q [T, nh, hd] at positions [T]; keys/values [S, nkv, hd] at ascending key_positions [S].
+    A query at p sees keys j with j <= p, and on sliding layers also j > p - window (W keys including
+    itself). A block of queries at positions p0..p1 can only see keys in [p0 - window + 1, p1], so each
+    block multiplies just that slice of keys: causal work halves, and a sliding layer's cost grows with
+    T·W instead of T². (A tiling over blocks of `block` queries, as flash attention does.)
+    """
+    out = []
+    for s in range(0, q.shape[0], block):
+        qp = positions[s:s + block]                                                   # [B]
+        a = 0 if window is None else int(xp.searchsorted(key_positions, int(qp[0]) - window + 1))
+        b = int(xp.searchsorted(key_positions, int(qp[-1]), side="right"))
+        kp = key_positions[a:b]                                                       # [S_block]
+        mask = kp[None, :] <= qp[:, None]                                             # causal
+        if window is not None:
+            mask &= kp[None, :] > qp[:, None] - window                                # sliding band
+        out.append(attention(xp, q[s:s + block], keys[a:b], values[a:b], mask))
+    return xp.concatenate(out)                                                        # [T, nh * hd]
+
+
 def dense(W):
     """A weight as a plain float32 array: packed (int4/NVFP4) or lazily converted tensors expand here."""
     return W.dequantize() if hasattr(W, "dequantize") else W
@@ -105,17 +127,6 @@ def route(xp, res, w, cfg: ModelConfig):
     return idx, top * w["router.per_expert_scale"][idx]
 
 
-def expert_weights(xp, W, active):
-    """The weights of the active experts [A, out, in] from a stacked [E, out, in] tensor.
-
-    Packed (int4/NVFP4) and memory-mapped bf16 tensors expand only these experts; a plain array is
-    used whole when every expert is active (no copy).
-    """
-    if hasattr(W, "dequantize"):
-        return xp.stack([xp.asarray(W[int(e)]) for e in active])
-    return W if len(active) == W.shape[0] else W[active]
-
-
 def experts(xp, x, idx, weight, gate_up, down):
     """Routed experts, computed by grouping tokens per expert (one batched GEMM, no per-token loop).
 
@@ -123,23 +134,30 @@ def experts(xp, x, idx, weight, gate_up, down):
     Ie: up), down [E, H, Ie]  ->  [T, H] = sum over the k chosen experts of weight · expert(x).
 
     The T·k (token, expert) assignments are sorted by expert and scattered into a padded batch
-    X [A, M, H] (A = experts with at least one token, M = the busiest expert's count), so every
-    expert's tokens go through its weights in one stacked matmul.
+    X [G, M, H] (M = the busiest expert's count), so every expert's tokens go through its weights in
+    one stacked matmul. The G groups are all E experts for plain arrays (used as they are, no copy);
+    for packed (int4/NVFP4) or memory-mapped bf16 tensors only the A experts in use are expanded.
     """
     T, k = idx.shape
     H = x.shape[1]
     flat = idx.reshape(-1)                                             # [T*k] expert of each assignment
     order = xp.argsort(flat, kind="stable")                           # assignments grouped by expert
+    e_of = flat[order]                                                 # [T*k] their experts, ascending
     counts = xp.bincount(flat, minlength=gate_up.shape[0])             # [E] tokens per expert
-    active = xp.flatnonzero(counts)                                    # [A] experts in use
-    group = xp.cumsum(counts > 0)[flat[order]] - 1                     # [T*k] row of X's batch axis
-    slot = xp.arange(T * k) - (xp.cumsum(counts) - counts)[flat[order]]   # row within the expert's group
-    X = xp.zeros((active.shape[0], int(counts.max()), H), dtype=x.dtype)
-    X[group, slot] = x[order // k]                                     # [A, M, H]
-    gu = X @ expert_weights(xp, gate_up, active).transpose(0, 2, 1)    # [A, M, 2Ie]
+    slot = xp.arange(T * k) - (xp.cumsum(counts) - counts)[e_of]      # row within the expert's group
+    if hasattr(gate_up, "dequantize"):                                 # expand only the experts in use
+        rows = xp.flatnonzero(counts)                                  # [A]
+        gate_up = xp.stack([xp.asarray(gate_up[int(e)]) for e in rows])   # [A, 2Ie, H]
+        down = xp.stack([xp.asarray(down[int(e)]) for e in rows])          # [A, H, Ie]
+    else:
+        rows = xp.arange(gate_up.shape[0])                             # [E]
+    group = xp.searchsorted(rows, e_of)                                # [T*k] batch index of each assignment
+    X = xp.zeros((rows.shape[0], int(counts.max()), H), dtype=x.dtype)
+    X[group, slot] = x[order // k]                                     # [G, M, H]
+    gu = X @ gate_up.transpose(0, 2, 1)                                # [G, M, 2Ie]
     ie = gu.shape[-1] // 2
     act = gelu_tanh(xp, gu[..., :ie]) * gu[..., ie:]                   # gate first, then up
-    Y = act @ expert_weights(xp, down, active).transpose(0, 2, 1)      # [A, M, H]
+    Y = act @ down.transpose(0, 2, 1)                                  # [G, M, H]
     y = xp.empty((T * k, H), dtype=x.dtype)
     y[order] = Y[group, slot] * weight.reshape(-1)[order][:, None]     # back to (token, slot) order
     return y.reshape(T, k, H).sum(axis=1)                              # [T, H]
@@ -207,13 +225,11 @@ class Model:
         v = rms_norm(xp, v_raw, eps=eps)                                                     # v_norm: no weight, no RoPE
         keys, values = xp.concatenate([past_k, k]), xp.concatenate([past_v, v])             # [S, nkv, hd]
         if mode == "encode":   # causal; a sliding query at p sees keys j with p - W < j <= p
-            qp, kp = positions[:, None], key_positions[None, :]
-            mask = kp <= qp
-            if lc.is_sliding:
-                mask &= kp > qp - cfg.sliding_window
-        else:                  # denoise: bidirectional over everything the cache holds + the canvas
-            mask = None
-        a = linear(attention(xp, q, keys, values, mask), w["self_attn.o_proj.weight"])
+            window = cfg.sliding_window if lc.is_sliding else None
+            o = causal_attention(xp, q, keys, values, positions, key_positions, window)
+        else:                  # denoise: no mask, bidirectional over everything the cache holds + the canvas
+            o = attention(xp, q, keys, values)
+        a = linear(o, w["self_attn.o_proj.weight"])
         h = h + rms_norm(xp, a, w["post_attention_layernorm.weight"], eps)
 
         # ---- dense MLP and routed experts in parallel, both from the same residual ----

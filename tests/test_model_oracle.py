@@ -85,3 +85,12 @@ def test_broken_window_is_detected(tmp_path):
     model.config.sliding_window += 1  # the bug
     errs = compare(ref, model, prompt, c1, c2)
     assert any(err > tol for err, tol in errs.values()), errs
+
+
+def test_prompt_spanning_several_attention_blocks(tmp_path):
+    """A 300-token prompt: the encoder's blocked causal attention crosses a 256-query block boundary."""
+    text = dict(num_hidden_layers=3, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                sliding_window=40)
+    errs = _check(text, 8, 300, 11, tmp_path)
+    for name, (err, tol) in errs.items():
+        assert err <= tol, f"{name}: max |Δ| {err:.3g} > {tol:.3g}"
