@@ -5,12 +5,10 @@ import re
 import shutil
 import sys
 
-import numpy as np
 import pytest
 
 import minidiff
 from minidiff import cli, sampler
-from minidiff.default_model import __file__ as _dm  # noqa: F401  (the folder is a package-data dir)
 
 
 def run_cli(argv, capsys, monkeypatch, stdin=None, tty=False):

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import io
-import json
 import shutil
 import subprocess
 import sys
