@@ -8,6 +8,7 @@
 
 from .errors import MinidiffError
 from .loader import load
+from .sampler import GenerationConfig, generate
 
 __version__ = "0.1.0"
-__all__ = ["load", "MinidiffError", "__version__"]
+__all__ = ["load", "generate", "GenerationConfig", "MinidiffError", "__version__"]

@@ -1,7 +1,6 @@
 """Unit checks of single ops against plain, obviously-correct NumPy (no torch needed)."""
 
 import numpy as np
-import pytest
 from hypothesis import given, settings, strategies as st
 
 from minidiff.model import attention, causal_attention, experts, gelu_tanh
