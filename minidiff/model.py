@@ -75,7 +75,7 @@ def attention(xp, q, k, v, mask=None):
     return o.reshape(nkv, rep, T, hd).transpose(2, 0, 1, 3).reshape(T, nh * hd)   # head-major concat
 
 
-def causal_attention(xp, q, keys, values, positions, key_positions, window=None, block=256):
+def causal_attention(xp, q, keys, values, positions, key_positions, window=None, block=128):
     """Encoder attention: causal, and banded on sliding layers, computed in blocks of queries.
 
     q [T, nh, hd] at positions [T]; keys/values [S, nkv, hd] at ascending key_positions [S].
@@ -206,11 +206,12 @@ class Model:
 
     # ------------------------------------------------------------------ one layer (§2.2)
 
-    def layer(self, i: int, h, positions, past_k, past_v, key_positions, mode: str):
+    def layer(self, i: int, h, positions, past_k, past_v, key_positions, mode: str, kv_only: bool = False):
         """One transformer layer. h [T, H] -> (h [T, H], k [T, nkv, hd], v [T, nkv, hd]).
 
         past_k/past_v [P, nkv, hd] are the cached keys/values this layer may read (P may be 0);
         key_positions [P + T] are the absolute positions of past + new keys (encoder masking only).
+        kv_only: stop after attention (h is then incomplete); the encoder's last layer needs only its K/V.
         """
         xp, cfg, w, lc = self.xp, self.config, self.layers[i], self.config.layers[i]
         eps, T = cfg.rms_norm_eps, h.shape[0]
@@ -231,6 +232,8 @@ class Model:
             o = attention(xp, q, keys, values)
         a = linear(o, w["self_attn.o_proj.weight"])
         h = h + rms_norm(xp, a, w["post_attention_layernorm.weight"], eps)
+        if kv_only:
+            return h, k, v
 
         # ---- dense MLP and routed experts in parallel, both from the same residual ----
         res = h
@@ -293,7 +296,9 @@ class Model:
         for i, lc in enumerate(cfg.layers):
             pk, pv = cache.keys[i], cache.values[i]
             key_positions = xp.arange(cache.length - pk.shape[0], cache.length + T)
-            h, k, v = self.layer(i, h, positions, pk, pv, key_positions, "encode")
+            # the last layer's FFN feeds no cache: skip it unless its hidden state is asked for
+            kv_only = i == cfg.num_hidden_layers - 1 and not return_hidden
+            h, k, v = self.layer(i, h, positions, pk, pv, key_positions, "encode", kv_only)
             k, v = xp.concatenate([pk, k]), xp.concatenate([pv, v])
             if lc.is_sliding:                          # keep the last W - 1 positions, like DynamicSlidingWindowLayer
                 keep = cfg.sliding_window - 1

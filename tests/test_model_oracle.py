@@ -88,7 +88,7 @@ def test_broken_window_is_detected(tmp_path):
 
 
 def test_prompt_spanning_several_attention_blocks(tmp_path):
-    """A 300-token prompt: the encoder's blocked causal attention crosses a 256-query block boundary."""
+    """A 300-token prompt: the encoder's blocked causal attention crosses 128-query block boundaries."""
     text = dict(num_hidden_layers=3, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
                 sliding_window=40)
     errs = _check(text, 8, 300, 11, tmp_path)
