@@ -203,8 +203,8 @@ def parse_config(root: dict) -> ModelConfig:
     )
 
 
-def load_config(folder: Path) -> ModelConfig:
-    """Read and validate `folder/config.json`."""
+def read_config_json(folder) -> dict:
+    """`folder/config.json` as a dict, or a one-line error."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise MinidiffError(f"{folder}: no config.json (is this a DiffusionGemma model folder?)")
@@ -212,4 +212,11 @@ def load_config(folder: Path) -> ModelConfig:
         root = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MinidiffError(f"{path}: not valid JSON ({e})")
-    return parse_config(root)
+    if not isinstance(root, dict):
+        raise MinidiffError(f"{path}: top level must be a JSON object")
+    return root
+
+
+def load_config(folder: Path) -> ModelConfig:
+    """Read and validate `folder/config.json`."""
+    return parse_config(read_config_json(folder))

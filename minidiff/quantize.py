@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import quant as Q
+from .config import read_config_json
 from .errors import MinidiffError
 from .weights import DTYPES, open_checkpoint
 
@@ -425,15 +426,7 @@ def convert(src, dst, group_size: int = 32, scope: str = "all-linear", fmt: str 
         raise MinidiffError(f"--group-size {group_size}: choose 32, 64 or 128")
     if scope not in ("experts", "all-linear"):
         raise MinidiffError(f"--scope {scope!r}: choose experts or all-linear")
-    cfg_path = src / "config.json"
-    if not cfg_path.is_file():
-        raise MinidiffError(f"{src}: no config.json (not a model folder)")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MinidiffError(f"{cfg_path}: malformed JSON ({e})")
-    if not isinstance(config, dict):
-        raise MinidiffError(f"{cfg_path}: expected a JSON object")
+    config = read_config_json(src)
     if config.get("quantization_config") or (src / "hf_quant_config.json").exists():
         raise MinidiffError(f"{src}: the checkpoint is already quantized; quantize needs a bf16/fp16/fp32 source")
     if src.resolve() == dst.resolve():
