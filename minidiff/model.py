@@ -170,8 +170,9 @@ def experts(xp, x, idx, weight, gate_up, down):
     ie = gu.shape[-1] // 2
     act = gelu_tanh(xp, gu[..., :ie]) * gu[..., ie:]                   # gate first, then up
     Y = act @ down.transpose(0, 2, 1)                                  # [G, M, H]
-    y = xp.empty((T * k, H), dtype=x.dtype)
-    y[order] = Y[group, slot] * weight.reshape(-1)[order][:, None]     # back to (token, slot) order
+    row = xp.empty_like(order)
+    row[order] = group * Y.shape[1] + slot                             # [T*k] row of Y.reshape(-1, H) per assignment
+    y = Y.reshape(-1, H)[row] * weight.reshape(-1, 1)                  # [T*k, H] in (token, slot) order, weighted
     return y.reshape(T, k, H).sum(axis=1)                              # [T, H]
 
 
