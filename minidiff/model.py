@@ -269,7 +269,7 @@ class Model:
             a = np.asarray(ids.get() if hasattr(ids, "get") else ids)
         except (TypeError, ValueError):
             raise MinidiffError(f"{what}: expected a 1-D sequence of token ids")
-        if a.ndim != 1 or a.size == 0 or not (np.issubdtype(a.dtype, np.integer) or a.dtype == object and all(isinstance(t, (int, np.integer)) for t in a)):
+        if a.ndim != 1 or a.size == 0 or not np.issubdtype(a.dtype, np.integer):
             raise MinidiffError(f"{what}: expected a non-empty 1-D sequence of integer token ids, got shape {a.shape} dtype {a.dtype}")
         a = a.astype(np.int64)
         bad = (a < 0) | (a >= V)
