@@ -24,8 +24,9 @@ import numpy as np
 
 from .errors import MinidiffError
 
-RANDOM_NOTE = ("Without --model, the embedded tiny default model is used: its weights are random, so its "
-               "text is gibberish (it is there to try the tool offline).")
+RANDOM_NOTE = ("Without --model, the embedded tiny default model is used: a toy that memorised 30 prompts "
+               "(docs/default_model.md); on any other prompt its text is gibberish. It is there to try the "
+               "tool offline.")
 
 
 # ----------------------------------------------------------------------------------------------
