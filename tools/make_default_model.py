@@ -18,8 +18,11 @@ What it writes (all deterministic, well under 2 MB):
                                    wheel (trl/chat_templates/diffusion_gemma.jinja, Apache-2.0)
   README.md
 
-The weights are random: the model's text is gibberish. It exists so the CLI, the sampler and the live view
-run offline in a second on any machine. Needs torch + transformers (tools/ only).
+The weights it writes are random. This is step 1 of 2: the committed default model is then trained by
+`python tools/train_default_model.py` (step 2), which keeps the tokenizer and template written here and
+replaces the weights and config with a model that memorised 30 prompts (docs/default_model.md). Running
+this script alone leaves a random, gibberish-writing model in the folder. Needs torch + transformers
+(tools/ only).
 """
 
 from __future__ import annotations
