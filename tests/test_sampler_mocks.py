@@ -83,12 +83,8 @@ def graded(heights, seed=0):
 
 
 def random_logits(seed=0, scale=4.0):
-    """Fresh random logits every call (varied entropies, a new argmax each step)."""
-    rng = np.random.default_rng(seed)
-
-    def fn(canvas, cache, sc, m):
-        return (rng.standard_normal((m.C, m.V)) * scale).astype(np.float32)
-    return fn
+    """Fresh random logits every call (varied entropies, a new argmax each step): `flat`, scaled up."""
+    return flat(seed, scale)
 
 
 def replay_draws(seed, B, C, V, steps_per_canvas):
