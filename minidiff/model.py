@@ -29,8 +29,11 @@ from .weights import DEC, ENC
 
 def rms_norm(xp, x, w=None, eps=1e-6):
     """Gemma 4 RMSNorm: x / sqrt(mean(x²) + eps), times w (NOT 1 + w) when the norm has a weight."""
-    y = x * (xp.mean(x * x, axis=-1, keepdims=True) + eps) ** -0.5
-    return y * w if w is not None else y
+    mean_sq = xp.einsum("...i,...i->...", x, x)[..., None] / x.shape[-1]   # mean(x²) over the last axis
+    y = x * (mean_sq + eps) ** -0.5
+    if w is not None:
+        y *= w
+    return y
 
 
 def gelu_tanh(xp, x):
@@ -51,9 +54,11 @@ def gelu_tanh(xp, x):
 
 
 def softmax(xp, x, axis=-1):
-    x = x - x.max(axis=axis, keepdims=True)
-    e = xp.exp(x)
-    return e / e.sum(axis=axis, keepdims=True)
+    """exp(x - max) / sum, computed in one new array."""
+    e = x - x.max(axis=axis, keepdims=True)
+    xp.exp(e, out=e)
+    e /= e.sum(axis=axis, keepdims=True)
+    return e
 
 
 def rope(xp, x, positions, inv_freq):
