@@ -26,6 +26,14 @@ def get_xp(device: str = "cpu"):
     raise MinidiffError(f"unknown device {device!r} (choose 'cpu' or 'cuda')")
 
 
+def array_module(a):
+    """The array module that owns `a`: cupy for GPU arrays (they carry __cuda_array_interface__), else numpy."""
+    if hasattr(a, "__cuda_array_interface__"):
+        import cupy
+        return cupy
+    return np
+
+
 def to_numpy(a):
     """Bring an array of either backend to host memory as a NumPy array."""
     return a.get() if hasattr(a, "get") else np.asarray(a)

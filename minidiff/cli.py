@@ -20,6 +20,14 @@ COMMANDS = {
 }
 
 
+def int_list(text: str) -> list[int]:
+    """argparse type for comma-separated token ids, e.g. "2,17,300"."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {text!r}")
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with our one-line error format and exit status 2."""
 

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from .cli import int_list
 from .errors import MinidiffError
 
 RANDOM_NOTE = ("Without --model, the embedded tiny default model is used: a toy that memorised 30 prompts "
@@ -31,13 +32,6 @@ RANDOM_NOTE = ("Without --model, the embedded tiny default model is used: a toy 
 
 # ----------------------------------------------------------------------------------------------
 # arguments
-
-
-def _int_list(s: str) -> list[int]:
-    try:
-        return [int(x) for x in s.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated token ids, got {s!r}")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -54,7 +48,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     s.add_argument("--stability-threshold", type=int, metavar="S", help="steps the argmax must stay equal (1)")
     s.add_argument("--confidence-threshold", type=float, metavar="H", help="mean entropy to stop below (0.005)")
     s.add_argument("--no-early-stop", action="store_true", help="always run every denoising step")
-    s.add_argument("--eos-token-id", type=_int_list, metavar="IDS", help="stop ids, comma-separated ([1,106,50])")
+    s.add_argument("--eos-token-id", type=int_list, metavar="IDS", help="stop ids, comma-separated ([1,106,50])")
     s.add_argument("--greedy", action="store_true", help="temperature 0: sample = argmax (not in the reference)")
     s.add_argument("--seed", type=int, help="random seed (default: a fresh one, printed in the closing line)")
     c = p.add_argument_group("prompt format")

@@ -38,7 +38,9 @@ from typing import Callable
 
 import numpy as np
 
+from .backend import array_module
 from .errors import MinidiffError
+from .weights import bf16_to_f32, f32_to_bf16_bits
 
 # ----------------------------------------------------------------------------------------------
 # Parameters
@@ -176,12 +178,7 @@ def resolve_config(model, config: GenerationConfig | None = None, **overrides) -
 # The per-step math, vectorised over [..., C, V]. Every function is pure; `xp` is numpy or cupy.
 
 
-def _xp(a):
-    """The array module of `a` (cupy arrays carry __cuda_array_interface__)."""
-    if hasattr(a, "__cuda_array_interface__"):
-        import cupy
-        return cupy
-    return np
+_xp = array_module  # the array module (numpy / cupy) of an array
 
 
 def temperature(n: int, N: int, t_min: float | None, t_max: float | None):
@@ -246,12 +243,7 @@ def entropy_bound_accept(H, bound: float):
 
 def round_bf16(x):
     """float32 -> float32 holding the nearest bfloat16 (round to nearest, ties to even), as torch's .to(bf16)."""
-    xp = _xp(x)
-    x = xp.ascontiguousarray(x, dtype=xp.float32)
-    b = x.view(xp.uint32)
-    rounded = (b + (xp.uint32(0x7FFF) + ((b >> xp.uint32(16)) & xp.uint32(1)))) & xp.uint32(0xFFFF0000)
-    out = rounded.view(xp.float32)
-    return xp.where(xp.isnan(x), x, out)
+    return bf16_to_f32(f32_to_bf16_bits(x))
 
 
 def eos_fill(tokens: np.ndarray, eos_ids, pad: int) -> np.ndarray:

@@ -20,18 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from .backend import to_numpy
+from .cli import int_list
 from .errors import MinidiffError
 from .model import rms_norm
-
-
-def _id_list(text: str, flag: str) -> list[int]:
-    try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
-    except ValueError:
-        raise MinidiffError(f"{flag}: expected comma-separated integers, got {text!r}")
-    if not ids:
-        raise MinidiffError(f"{flag}: needs at least one token id")
-    return ids
 
 
 def trace(model, prompt_ids, canvas_ids, sc_temperature=None) -> dict:
@@ -55,8 +46,8 @@ def trace(model, prompt_ids, canvas_ids, sc_temperature=None) -> dict:
 
 def add_arguments(p):
     p.add_argument("model", nargs="?", default=None, help="model folder or hub id (default: the embedded tiny model)")
-    p.add_argument("--prompt-ids", required=True, help="comma-separated prompt token ids, e.g. 2,17,300")
-    p.add_argument("--canvas-ids", required=True, help="comma-separated canvas token ids")
+    p.add_argument("--prompt-ids", required=True, type=int_list, help="comma-separated prompt token ids, e.g. 2,17,300")
+    p.add_argument("--canvas-ids", required=True, type=int_list, help="comma-separated canvas token ids")
     p.add_argument("--self-conditioning-temperature", type=float, default=None, metavar="T",
                    help="also export a second, self-conditioned step on logits / T")
     p.add_argument("--out", required=True, help="output .safetensors file")
@@ -67,8 +58,7 @@ def run(args) -> int:
     import minidiff
     from safetensors.numpy import save_file
 
-    prompt = _id_list(args.prompt_ids, "--prompt-ids")
-    canvas = _id_list(args.canvas_ids, "--canvas-ids")
+    prompt, canvas = args.prompt_ids, args.canvas_ids
     T = args.self_conditioning_temperature
     if T is not None and not (np.isfinite(T) and T > 0):
         raise MinidiffError(f"--self-conditioning-temperature must be > 0, got {T}")

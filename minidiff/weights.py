@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backend import array_module
 from .config import ModelConfig
 from .errors import MinidiffError
 
@@ -32,17 +33,20 @@ FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 MAX_HEADER = 100 * 1024 * 1024
 
 
-def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+def bf16_to_f32(bits):
     """Raw bfloat16 bits (uint16) -> float32: the bf16 value is the top half of the f32 word."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    xp = array_module(bits)
+    return (xp.asarray(bits).astype(xp.uint32) << 16).view(xp.float32)
 
 
-def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
-    """float32 -> raw bfloat16 bits, round to nearest even (as torch's .to(bfloat16) does)."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    rounded = u + 0x7FFF + ((u >> 16) & 1)
-    out = (rounded >> 16).astype(np.uint16)
-    return np.where(np.isnan(x), np.uint16(0x7FC0), out)
+def f32_to_bf16_bits(x):
+    """float32 -> raw bfloat16 bits, round to nearest even (as torch's .to(bfloat16) does). NumPy or CuPy."""
+    xp = array_module(x)
+    x = xp.ascontiguousarray(x, dtype=xp.float32)
+    u = x.view(xp.uint32)
+    rounded = u + xp.uint32(0x7FFF) + ((u >> 16) & xp.uint32(1))
+    out = (rounded >> 16).astype(xp.uint16)
+    return xp.where(xp.isnan(x), xp.uint16(0x7FC0), out)
 
 
 class SafetensorsFile:
