@@ -7,7 +7,7 @@ from pathlib import Path
 from .backend import get_xp
 from .config import load_config
 from .errors import MinidiffError
-from .model import Model
+from .model import Model, dense
 from .weights import load_text_weights, open_checkpoint
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
@@ -44,5 +44,5 @@ def load(path_or_hub_id=None, device: str = "cpu") -> Model:
     cfg = load_config(folder)
     weights = load_text_weights(open_checkpoint(folder), cfg)
     if xp.__name__ != "numpy":
-        weights = {k: (xp.asarray(v.dequantize() if hasattr(v, "dequantize") else v)) for k, v in weights.items()}
+        weights = {k: xp.asarray(dense(v)) for k, v in weights.items()}   # widened to float32 on the device
     return Model(cfg, weights, folder=folder, xp=xp)
