@@ -7,7 +7,8 @@ from pathlib import Path
 from .backend import get_xp
 from .config import load_config
 from .errors import MinidiffError
-from .model import Model, dense
+from .model import Model
+from .tensors import dense
 from .weights import load_text_weights, open_checkpoint
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
@@ -38,7 +39,11 @@ def resolve(path_or_hub_id=None) -> Path:
 
 
 def load(path_or_hub_id=None, device: str = "cpu") -> Model:
-    """Load DiffusionGemma text weights (float32) from a folder or hub id; None = embedded default model."""
+    """Load DiffusionGemma text weights from a folder or hub id; None = the embedded default model.
+
+    The large tensors (embedding, experts) stay in their stored precision, memory-mapped, and are widened
+    to float32 per use (tensors.py); everything else is float32.
+    """
     folder = resolve(path_or_hub_id)
     xp = get_xp(device)
     cfg = load_config(folder)

@@ -19,8 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .backend import rowwise
 from .config import ModelConfig
 from .errors import MinidiffError
+from .tensors import expand, is_stored, take_rows
 from .weights import DEC, ENC
 
 # ----------------------------------------------------------------------------------------------
@@ -53,12 +55,34 @@ def gelu_tanh(xp, x):
     return y
 
 
-def softmax(xp, x, axis=-1):
-    """exp(x - max) / sum, computed in one new array."""
-    e = x - x.max(axis=axis, keepdims=True)
-    xp.exp(e, out=e)
-    e /= e.sum(axis=axis, keepdims=True)
+def softmax(xp, x, flush_subnormal=False):
+    """exp(x - max) / sum over the last axis, computed in one new array (row blocks on separate threads).
+
+    flush_subnormal: exponents below -87 (probabilities near 2^-126, the smallest normal float32, and
+    under) become exactly 0. Such a term changes a weighted sum by less than 1e-37 of its largest term, but subnormal
+    floats can make the BLAS dozens of times slower on some CPUs (long attention spans are full of them).
+    """
+    e = xp.empty(x.shape, dtype=x.dtype)
+
+    def rows(xb, eb):
+        xp.subtract(xb, xb.max(axis=-1, keepdims=True), out=eb)
+        if flush_subnormal:
+            eb[eb < -87.0] = -xp.inf                      # exp(-87.34) = 2^-126: below, exp is subnormal
+        xp.exp(eb, out=eb)
+        eb /= eb.sum(axis=-1, keepdims=True)
+    rowwise(rows, x.reshape(-1, x.shape[-1]), e.reshape(-1, x.shape[-1]))
     return e
+
+
+def softcap(xp, logits, cap):
+    """cap · tanh(logits / cap), in place on float32 logits [C, V] (row blocks on separate threads)."""
+    def rows(z):
+        z /= cap
+        xp.tanh(z, out=z)
+        z *= cap
+    logits = logits.astype(xp.float32, copy=False)
+    rowwise(rows, logits)
+    return logits
 
 
 def rope(xp, x, positions, inv_freq):
@@ -87,7 +111,7 @@ def attention(xp, q, k, v, mask=None):
     scores = (qg @ kt).reshape(nkv, rep, T, -1)                        # [nkv, rep, T, S]  (scale 1.0, no softcap)
     if mask is not None:
         scores = xp.where(mask, scores, -xp.inf)
-    p = softmax(xp, scores).reshape(nkv, rep * T, -1)
+    p = softmax(xp, scores, flush_subnormal=True).reshape(nkv, rep * T, -1)
     o = p @ xp.ascontiguousarray(v.transpose(1, 0, 2))                 # [nkv, rep*T, hd]
     return o.reshape(nkv, rep, T, hd).transpose(2, 0, 1, 3).reshape(T, nh * hd)   # head-major concat
 
@@ -114,14 +138,9 @@ def causal_attention(xp, q, keys, values, positions, key_positions, window=None,
     return xp.concatenate(out)                                                        # [T, nh * hd]
 
 
-def dense(W):
-    """A weight as a plain float32 array: packed (int4/NVFP4) or lazily converted tensors expand here."""
-    return W.dequantize() if hasattr(W, "dequantize") else W
-
-
 def linear(x, W):
-    """y = x @ Wᵀ for a PyTorch-layout weight W [out, in]."""
-    return x @ dense(W).T
+    """y = x @ Wᵀ for a PyTorch-layout weight W [out, in] (a stored low-bit W is widened for this use)."""
+    return x @ expand(W, slice(None), "linear").T
 
 
 def mlp(xp, x, gate, up, down):
@@ -144,41 +163,68 @@ def route(xp, res, w, cfg: ModelConfig):
     return idx, top * w["router.per_expert_scale"][idx]
 
 
-def experts(xp, x, idx, weight, gate_up, down):
-    """Routed experts, computed by grouping tokens per expert (one batched GEMM, no per-token loop).
+def experts(xp, x, idx, weight, gate_up, down, chunk=16):
+    """Routed experts, computed by grouping tokens per expert (batched GEMMs, no per-token loop).
 
     x [T, H] (pre_feedforward_layernorm_2 output), idx/weight [T, k], gate_up [E, 2Ie, H] (rows :Ie gate,
     Ie: up), down [E, H, Ie]  ->  [T, H] = sum over the k chosen experts of weight · expert(x).
 
-    The T·k (token, expert) assignments are sorted by expert and scattered into a padded batch
-    X [G, M, H] (M = the busiest expert's count), so every expert's tokens go through its weights in
-    one stacked matmul. The G groups are all E experts for plain arrays (used as they are, no copy);
-    for packed (int4/NVFP4) or memory-mapped bf16 tensors only the A experts in use are expanded.
+    The T·k (token, expert) assignments are sorted by expert. A group of G experts then gathers its
+    tokens into a padded batch X [G, M, H] (M = the group's busiest expert) and runs them through its
+    weights in one stacked matmul, as W @ Xᵀ (weights on the left: the BLAS then streams the big
+    operand once, 30 % faster than X @ Wᵀ when M is small). Plain weight arrays form one group of all E experts, used as they
+    are. Stored weights (bf16, int4, NVFP4: tensors.py) widen only the experts in use, `chunk` at a time,
+    into reused buffers; the experts are taken busiest first so that a chunk's counts are alike and
+    little of X is padding.
     """
     T, k = idx.shape
-    H = x.shape[1]
+    E, H = gate_up.shape[0], x.shape[1]
     flat = idx.reshape(-1)                                             # [T*k] expert of each assignment
-    order = xp.argsort(flat, kind="stable")                           # assignments grouped by expert
-    e_of = flat[order]                                                 # [T*k] their experts, ascending
-    counts = xp.bincount(flat, minlength=gate_up.shape[0])             # [E] tokens per expert
-    slot = xp.arange(T * k) - (xp.cumsum(counts) - counts)[e_of]      # row within the expert's group
-    if hasattr(gate_up, "dequantize"):                                 # expand only the experts in use
-        rows = xp.flatnonzero(counts)                                  # [A]
-        gate_up = xp.stack([xp.asarray(gate_up[int(e)]) for e in rows])   # [A, 2Ie, H]
-        down = xp.stack([xp.asarray(down[int(e)]) for e in rows])          # [A, H, Ie]
+    order = xp.argsort(flat, kind="stable")                           # assignment ids grouped by expert
+    counts = xp.bincount(flat, minlength=E)                            # [E] assignments per expert
+    first = xp.cumsum(counts) - counts                                 # [E] where each expert's run starts
+    if is_stored(gate_up):
+        active = xp.flatnonzero(counts)
+        active = active[xp.argsort(-counts[active], kind="stable")]    # busiest first
+        groups = [active[i:i + chunk] for i in range(0, active.shape[0], chunk)]
     else:
-        rows = xp.arange(gate_up.shape[0])                             # [E]
-    group = xp.searchsorted(rows, e_of)                                # [T*k] batch index of each assignment
-    X = xp.zeros((rows.shape[0], int(counts.max()), H), dtype=x.dtype)
-    X[group, slot] = x[order // k]                                     # [G, M, H]
-    gu = X @ gate_up.transpose(0, 2, 1)                                # [G, M, 2Ie]
-    ie = gu.shape[-1] // 2
-    act = gelu_tanh(xp, gu[..., :ie]) * gu[..., ie:]                   # gate first, then up
-    Y = act @ down.transpose(0, 2, 1)                                  # [G, M, H]
-    row = xp.empty_like(order)
-    row[order] = group * Y.shape[1] + slot                             # [T*k] row of Y.reshape(-1, H) per assignment
-    y = Y.reshape(-1, H)[row] * weight.reshape(-1, 1)                  # [T*k, H] in (token, slot) order, weighted
+        groups = [xp.arange(E)]
+    y = xp.empty((T * k, H), dtype=x.dtype)                            # one output row per assignment
+    for ids in groups:                                                 # [G] expert ids
+        n = counts[ids]                                                # [G]
+        M = int(n.max())
+        j = xp.arange(M)
+        used = j[None, :] < n[:, None]                                 # [G, M] real rows (the rest: padding)
+        a = order[xp.where(used, first[ids][:, None] + j[None, :], 0)] # [G, M] assignment of each row
+        Xt = x[a // k].transpose(0, 2, 1)                              # [G, H, M] tokens as columns
+        gu = expand(gate_up, ids, "experts.gate_up", xp) @ Xt          # [G, 2Ie, M]
+        ie = gu.shape[1] // 2
+        act = gelu_tanh(xp, gu[:, :ie]) * gu[:, ie:]                   # [G, Ie, M] gate rows, then up rows
+        Y = expand(down, ids, "experts.down", xp) @ act                # [G, H, M]
+        y[a[used]] = Y.transpose(0, 2, 1)[used]
+    y *= weight.reshape(-1, 1)                                         # [T*k, H] routing weights
     return y.reshape(T, k, H).sum(axis=1)                              # [T, H]
+
+
+def tied_head(xp, x, embed_tokens, block=16384):
+    """Logits x @ Eᵀ [T, V] over the tied embedding E [V, H]; a stored E is widened block by block."""
+    if not is_stored(embed_tokens):
+        return x @ embed_tokens.T
+    V = embed_tokens.shape[0]
+    out = xp.empty((x.shape[0], V), dtype=xp.float32)
+    for v0 in range(0, V, block):
+        out[:, v0:v0 + block] = x @ expand(embed_tokens, slice(v0, v0 + block), "vocab", xp).T
+    return out
+
+
+def soft_embedding(xp, probs, embed_tokens, block=16384):
+    """probs [C, V] @ E [V, H] -> [C, H]: the expected embedding under probs; stored E block by block."""
+    if not is_stored(embed_tokens):
+        return probs @ embed_tokens
+    out = xp.zeros((probs.shape[0], embed_tokens.shape[1]), dtype=xp.float32)
+    for v0 in range(0, embed_tokens.shape[0], block):
+        out += probs[:, v0:v0 + block] @ expand(embed_tokens, slice(v0, v0 + block), "vocab", xp)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -294,7 +340,7 @@ class Model:
 
     def embed(self, ids):
         """Scaled token embedding: E[ids] · sqrt(H)  ->  [T, H]."""
-        return dense(self.embed_tokens)[ids] * self.embed_scale
+        return take_rows(self.embed_tokens, ids) * self.embed_scale
 
     # ------------------------------------------------------------------ encoder mode (§3.1)
 
@@ -348,16 +394,15 @@ class Model:
             S = xp.asarray(self_conditioning_logits, dtype=xp.float32)
             if S.shape != (C, cfg.vocab_size):
                 raise MinidiffError(f"denoise: self_conditioning_logits must have shape {[C, cfg.vocab_size]}, got {list(S.shape)}")
-            soft = (softmax(xp, S) @ dense(self.embed_tokens)) * self.embed_scale   # "soft embedding" [C, H]
+            soft = soft_embedding(xp, softmax(xp, S), self.embed_tokens) * self.embed_scale   # [C, H]
             s = rms_norm(xp, soft, self.sc["pre_norm"], eps)
             x = x + mlp(xp, s, self.sc["gate_proj"], self.sc["up_proj"], self.sc["down_proj"])
         # (no logits: the soft embedding is 0, pre_norm(0) = 0 and the MLP adds exactly 0)
         h = rms_norm(xp, x, eps=eps)                                          # post_norm: no weight
         for i in range(cfg.num_hidden_layers):
             h, _, _ = self.layer(i, h, positions, cache.keys[i], cache.values[i], None, "denoise")
-        logits = rms_norm(xp, h, self.final_norm, eps) @ dense(self.embed_tokens).T   # tied head [C, V]
-        cap = cfg.final_logit_softcapping
-        return cap * xp.tanh(logits.astype(xp.float32, copy=False) / cap)
+        logits = tied_head(xp, rms_norm(xp, h, self.final_norm, eps), self.embed_tokens)   # [C, V]
+        return softcap(xp, logits, cfg.final_logit_softcapping)
 
     def generate(self, prompt_ids, **kwargs):
         """Block-diffusion generation; see `minidiff.sampler.generate`."""

@@ -76,7 +76,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MinidiffError
-from .weights import bf16_to_f32, f32_to_bf16_bits  # noqa: F401  (f32_to_bf16_bits is used by quantize.py)
+from .tensors import Stored, bf16_to_f32, f32_to_bf16_bits  # noqa: F401  (quantize.py uses it)
 
 # ================================================================================================
 # int4: pack / unpack / quantize / dequantize
@@ -155,6 +155,28 @@ def dequant_int4(packed: np.ndarray, scale: np.ndarray, in_features: int) -> np.
     g = in_features // groups
     w = q.reshape(out, groups, g).astype(np.float32) * scale.astype(np.float32)[..., None]
     return w.reshape(out, in_features)
+
+
+def dequant_int4_into(packed: np.ndarray, scale: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """`dequant_int4` written into out [rows, in] float32, with the same values bit for bit, in fewer passes:
+    on a little-endian machine byte t of a row holds inputs 2t (low nibble) and 2t + 1 (high nibble), so
+    each nibble plane is masked as bytes and cast straight into every other float of `out`."""
+    R, n = out.shape
+    if n % 2 or np.little_endian is False:
+        out[...] = dequant_int4(packed, scale, n)
+        return out
+    b = np.ascontiguousarray(packed).view(np.uint8)[:, : n // 2]      # [R, n/2] two codes per byte
+    pairs = out.reshape(R, n // 2, 2)
+    q = np.empty(b.shape, dtype=np.int8)
+    u = q.view(np.uint8)
+    for plane, shift in ((0, 0), (1, 4)):                               # low nibble: even input; high: odd
+        np.right_shift(b, shift, out=u)
+        u &= 15
+        q -= INT4_OFFSET                                                # code -> q in [-8, 7]
+        np.copyto(pairs[..., plane], q, casting="unsafe")               # exact small integers
+    groups = scale.shape[-1]
+    out.reshape(R, groups, n // groups)[...] *= scale.astype(np.float32, copy=False)[..., None]
+    return out
 
 
 # ================================================================================================
@@ -306,22 +328,8 @@ def dequant_nvfp4(packed: np.ndarray, scale_bits: np.ndarray, global_scale=None,
 # quantized tensors held packed in memory
 # ================================================================================================
 
-class QuantTensor:
-    """A weight kept packed; `dequantize()` -> float32 array of `shape`; `nbytes` = packed bytes."""
-
-    shape: tuple
-    nbytes: int
-    name: str
-
-    def dequantize(self) -> np.ndarray:
-        raise NotImplementedError
-
-    def __array__(self, dtype=None, copy=None):  # np.asarray(W) works, but costs a full dequant
-        w = self.dequantize()
-        return w if dtype is None else w.astype(dtype)
-
-    def __repr__(self):
-        return f"{type(self).__name__}({self.name}, shape={list(self.shape)}, {self.nbytes} bytes)"
+class QuantTensor(Stored):
+    """A weight kept packed; widened on use through `expand_into` (tensors.Stored); `nbytes` = packed bytes."""
 
 
 def _float_array(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -343,10 +351,16 @@ class Int4Weight(QuantTensor):
         self.shape, self.group_size, self.where = tuple(shape), group_size, where
         self.nbytes = int(packed.nbytes + scale_raw.nbytes)
 
-    def dequantize(self) -> np.ndarray:
-        scale = _float_array(self.scale_raw, self.scale_dtype)
+    def _scale(self, rows) -> np.ndarray:
+        scale = _float_array(self.scale_raw[rows], self.scale_dtype)
         _check_finite(scale, self.name + ".weight_scale", self.where)
-        return dequant_int4(self.packed, scale, self.shape[1])
+        return scale
+
+    def _expand_rows(self, rows: slice, out: np.ndarray) -> None:
+        dequant_int4_into(self.packed[rows], self._scale(rows), out)
+
+    def _expand_one(self, i, out):
+        self._expand_rows(slice(i, i + 1), out[None])
 
 
 class NVFP4Weight(QuantTensor):
@@ -357,33 +371,28 @@ class NVFP4Weight(QuantTensor):
         self.global_scale, self.scale_2, self.where = global_scale, scale_2, where
         self.nbytes = int(packed.nbytes + scale_bits.nbytes + 4)
 
-    def dequantize(self) -> np.ndarray:
-        w = dequant_nvfp4(self.packed, self.scale_bits, self.global_scale, self.scale_2)
-        _check_finite(w, self.name, self.where)  # NaN scale bytes (0x7F) or a zero global scale
-        return w
+    def _expand_rows(self, rows: slice, out: np.ndarray) -> None:
+        out[...] = dequant_nvfp4(self.packed[rows], self.scale_bits[rows], self.global_scale, self.scale_2)
+        _check_finite(out, self.name, self.where)  # NaN scale bytes (0x7F) or a zero global scale
+
+    def _expand_one(self, i, out):
+        self._expand_rows(slice(i, i + 1), out[None])
 
 
 class QuantExperts(QuantTensor):
     """A fused expert tensor [E, rows, in] kept as E x (one or more) packed [r, in] parts, stacked
     along the rows: gate_up_proj[e] = concat(gate_proj_e, up_proj_e); down_proj[e] = down_proj_e.
-    `experts[e]` dequantizes expert e only."""
+    `expand_into(ids, out)` widens the experts `ids` only, one expert per thread."""
 
     def __init__(self, name, parts: list[list[QuantTensor]], shape):
         self.name, self.parts, self.shape = name, parts, tuple(shape)
         self.nbytes = sum(p.nbytes for ps in parts for p in ps)
 
-    def __len__(self):
-        return self.shape[0]
-
-    def __getitem__(self, e) -> np.ndarray:
-        e = int(e)
-        if not 0 <= e < self.shape[0]:
-            raise IndexError(f"expert {e} out of range [0, {self.shape[0]})")
-        ps = self.parts[e]
-        return ps[0].dequantize() if len(ps) == 1 else np.concatenate([p.dequantize() for p in ps], axis=0)
-
-    def dequantize(self) -> np.ndarray:
-        return np.stack([self[e] for e in range(self.shape[0])])
+    def _expand_one(self, e, out):
+        r = 0
+        for p in self.parts[e]:                     # gate rows, then up rows (or the one down part)
+            p._expand_rows(slice(0, p.shape[0]), out[r:r + p.shape[0]])
+            r += p.shape[0]
 
 
 # ================================================================================================
@@ -632,7 +641,3 @@ def load_quantized(ckpt, name: str, shape: tuple, quantization_config: dict | No
         return None
     return _load_2d(ckpt, module, shape, quantization_config, kind)
 
-
-def dense(w) -> np.ndarray:
-    """A weight as a float32 array: ndarrays pass through, quantized tensors are dequantized."""
-    return w if isinstance(w, np.ndarray) else w.dequantize()

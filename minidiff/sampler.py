@@ -38,9 +38,8 @@ from typing import Callable
 
 import numpy as np
 
-from .backend import array_module
+from .backend import array_module, rowwise
 from .errors import MinidiffError
-from .weights import bf16_to_f32, f32_to_bf16_bits
 
 # ----------------------------------------------------------------------------------------------
 # Parameters
@@ -193,15 +192,27 @@ def temperature(n: int, N: int, t_min: float | None, t_max: float | None):
 
 
 def softmax_entropy(z):
-    """z [..., V] float32 -> (p [..., V] float32 softmax, H [..., ] float32 entropy in nats)."""
+    """z [..., V] float32 -> (p [..., V] float32 softmax, H [...] float32 entropy in nats).
+
+    Per row:  m = max(z),  e = exp(z - m),  s = sum(e),  p = e / s,  H = -sum(p · ((z - m) - log(s))).
+    Rows are independent, so row blocks run on separate threads with the same bits as one pass.
+    """
     xp = _xp(z)
-    m = z.max(axis=-1, keepdims=True)
-    e = xp.exp(z - m)                                     # [..., V]
-    s = e.sum(axis=-1, keepdims=True)                     # [..., 1]
-    p = e / s
-    logp = (z - m) - xp.log(s)                            # log-softmax
-    H = -(p * logp).sum(axis=-1)                          # [...]
-    return p, H
+    V = z.shape[-1]
+    z2 = z.reshape(-1, V)                                 # [R, V]
+    p = xp.empty_like(z2)
+    H = xp.empty(z2.shape[0], dtype=xp.float32)
+
+    def rows(zb, pb, Hb):
+        d = zb - zb.max(axis=-1, keepdims=True)           # z - m
+        xp.exp(d, out=pb)                                 # e
+        s = pb.sum(axis=-1, keepdims=True)
+        pb /= s                                           # p
+        d -= xp.log(s)                                    # log-softmax
+        d *= pb
+        Hb[...] = -d.sum(axis=-1)
+    rowwise(rows, z2, p, H, max_rows=64)
+    return p.reshape(z.shape), H.reshape(z.shape[:-1])
 
 
 def sample_inverse_cdf(p, u, chunk_elems: int = 1 << 23):
@@ -210,16 +221,18 @@ def sample_inverse_cdf(p, u, chunk_elems: int = 1 << 23):
     p [R, V] probabilities (float32), u [R] uniforms in [0, 1) (float64) -> [R] int64 indices:
         cdf   = cumsum(p, float64)                 (sequential, float64)
         index = count(cdf <= u * cdf[-1])          clamped to V - 1
-    Rows are processed in chunks of at most `chunk_elems` float64 values to bound memory.
+    Blocks of at most `chunk_elems` float64 values (bounded memory) run on separate threads.
     """
     xp = _xp(p)
     R, V = p.shape
     out = xp.empty(R, dtype=xp.int64)
-    step = max(1, chunk_elems // V)
-    for r0 in range(0, R, step):                          # chunks of rows, not single positions
-        cdf = xp.cumsum(p[r0:r0 + step], axis=-1, dtype=xp.float64)       # [r, V]
-        thr = xp.asarray(u[r0:r0 + step], dtype=xp.float64) * cdf[:, -1]  # [r]
-        out[r0:r0 + step] = (cdf <= thr[:, None]).sum(axis=-1)
+
+    def rows(pb, ub, ob):
+        cdf = pb.astype(xp.float64)                       # [r, V]
+        xp.cumsum(cdf, axis=-1, out=cdf)
+        thr = xp.asarray(ub, dtype=xp.float64) * cdf[:, -1]   # [r]
+        ob[...] = (cdf <= thr[:, None]).sum(axis=-1)
+    rowwise(rows, p, xp.asarray(u), out, max_rows=max(1, chunk_elems // V))
     return xp.minimum(out, V - 1)
 
 
@@ -242,8 +255,24 @@ def entropy_bound_accept(H, bound: float):
 
 
 def round_bf16(x):
-    """float32 -> float32 holding the nearest bfloat16 (round to nearest, ties to even), as torch's .to(bf16)."""
-    return bf16_to_f32(f32_to_bf16_bits(x))
+    """float32 -> float32 holding the nearest bfloat16 (round to nearest, ties to even), as torch's .to(bf16):
+    bf16_to_f32(f32_to_bf16_bits(x)), computed in place on 32-bit words, row blocks on separate threads."""
+    xp = _xp(x)
+    x = xp.ascontiguousarray(x, dtype=xp.float32)
+    out = xp.empty_like(x)
+
+    def rows(xb, ob):
+        u, o = xb.view(xp.uint32), ob.view(xp.uint32)
+        xp.right_shift(u, 16, out=o)
+        o &= xp.uint32(1)
+        o += xp.uint32(0x7FFF)
+        o += u                                            # u + 0x7FFF + lsb, wrapping like the reference
+        o &= xp.uint32(0xFFFF0000)
+        o[xp.isnan(xb)] = xp.uint32(0x7FC00000)
+    def as_rows(a):
+        return a.reshape(-1, a.shape[-1] if a.ndim else 1)
+    rowwise(rows, as_rows(x), as_rows(out), max_rows=64)
+    return out
 
 
 def eos_fill(tokens: np.ndarray, eos_ids, pad: int) -> np.ndarray:

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import array_module
 from .config import ModelConfig
 from .errors import MinidiffError
+from .tensors import HalfTensor, bf16_to_f32, f32_to_bf16_bits  # noqa: F401  (re-exported)
 
 # safetensors dtype -> (numpy dtype of the raw bits, bytes per element)
 DTYPES = {
@@ -31,22 +31,6 @@ DTYPES = {
 }
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 MAX_HEADER = 100 * 1024 * 1024
-
-
-def bf16_to_f32(bits):
-    """Raw bfloat16 bits (uint16) -> float32: the bf16 value is the top half of the f32 word."""
-    xp = array_module(bits)
-    return (xp.asarray(bits).astype(xp.uint32) << 16).view(xp.float32)
-
-
-def f32_to_bf16_bits(x):
-    """float32 -> raw bfloat16 bits, round to nearest even (as torch's .to(bfloat16) does). NumPy or CuPy."""
-    xp = array_module(x)
-    x = xp.ascontiguousarray(x, dtype=xp.float32)
-    u = x.view(xp.uint32)
-    rounded = u + xp.uint32(0x7FFF) + ((u >> 16) & xp.uint32(1))
-    out = (rounded >> 16).astype(xp.uint16)
-    return xp.where(xp.isnan(x), xp.uint16(0x7FC0), out)
 
 
 class SafetensorsFile:
@@ -170,31 +154,6 @@ class Checkpoint:
         return bf16_to_f32(raw) if dtype == "BF16" else raw.astype(np.float32)
 
 
-class LazyFloat:
-    """A memory-mapped BF16/F16 tensor converted to float32 only when used.
-
-    The fused expert tensors (45 GB of the 50 GB release) stay on disk in their stored precision;
-    `dequantize()` widens the whole tensor for one use, `t[e]` just expert e.
-    """
-
-    def __init__(self, ckpt: Checkpoint, name: str):
-        self.ckpt, self.name = ckpt, name
-        self.shape, self.dtype = tuple(ckpt.shape(name)), ckpt.dtype(name)
-
-    @property
-    def nbytes(self) -> int:
-        return self.ckpt.raw(self.name).nbytes
-
-    def _convert(self, raw):
-        return bf16_to_f32(raw) if self.dtype == "BF16" else raw.astype(np.float32)
-
-    def dequantize(self) -> np.ndarray:
-        return self._convert(self.ckpt.raw(self.name))
-
-    def __getitem__(self, e) -> np.ndarray:
-        return self._convert(self.ckpt.raw(self.name)[e])
-
-
 def open_checkpoint(folder) -> Checkpoint:
     return Checkpoint(Path(folder))
 
@@ -244,11 +203,27 @@ def expected_tensors(cfg: ModelConfig) -> dict[str, tuple]:
     return t
 
 
+# the tensors kept in their stored precision and widened per use (tensors.py): the vocabulary-sized
+# embedding (also the head) and the fused experts; 90 % of the release. The rest is widened at load.
+STORED = (f"{DEC}.embed_tokens.weight", "experts.gate_up_proj", "experts.down_proj")
+
+
+def _plain(ckpt: Checkpoint, name: str, shape: tuple):
+    """A float tensor as the model uses it: big bf16/f16 tensors stay memory-mapped (`HalfTensor`),
+    float32 ones are used straight from the memory map, the rest are widened to float32 now."""
+    dtype = ckpt.dtype(name)
+    if dtype in ("BF16", "F16") and name.endswith(STORED):
+        return HalfTensor(ckpt.raw(name), dtype, name)
+    if dtype == "F32":
+        return ckpt.raw(name)
+    return ckpt.get(name)
+
+
 def load_text_weights(ckpt: Checkpoint, cfg: ModelConfig) -> dict:
     """Check every expected tensor (presence, shape, dtype) and return name -> array.
 
-    Plain float tensors come back as float32 arrays. Tensors stored quantized (int4, NVFP4) come back
-    as packed objects from `minidiff.quant` that dequantize on use.
+    Small float tensors come back as float32 arrays; the embedding and the experts as `Stored` tensors
+    (raw bf16/f16 words, or packed int4/NVFP4 objects from `minidiff.quant`) that widen on use.
     """
     out = {}
     for name, shape in expected_tensors(cfg).items():
@@ -256,8 +231,7 @@ def load_text_weights(ckpt: Checkpoint, cfg: ModelConfig) -> dict:
             if tuple(ckpt.shape(name)) != shape:
                 raise MinidiffError(f"{ckpt.file_of(name)}: tensor {name} has shape {list(ckpt.shape(name))}, "
                                     f"expected {list(shape)} from config.json")
-            big = len(shape) == 3 and ckpt.dtype(name) != "F32"
-            out[name] = LazyFloat(ckpt, name) if big else ckpt.get(name)
+            out[name] = _plain(ckpt, name, shape)
             continue
         from . import quant  # only needed for low-bit checkpoints
         q = quant.load_quantized(ckpt, name, shape, cfg.quantization_config)

@@ -9,7 +9,7 @@ import pytest
 
 import minidiff
 from minidiff.errors import MinidiffError
-from minidiff.weights import LazyFloat, bf16_to_f32, f32_to_bf16_bits
+from minidiff.tensors import HalfTensor, bf16_to_f32, f32_to_bf16_bits, take_rows
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny"
 
@@ -45,9 +45,16 @@ def test_unknown_hub_id_offline_is_one_clear_error(tmp_path, monkeypatch):
 def test_bf16_experts_stay_memory_mapped_until_used():
     model = minidiff.load(GOLDEN)
     gu = model.layers[0]["experts.gate_up_proj"]
-    assert isinstance(gu, LazyFloat) and gu.dtype == "BF16"
+    assert isinstance(gu, HalfTensor) and gu.dtype == "BF16"
     assert gu.nbytes == int(np.prod(gu.shape)) * 2          # holds bf16 bits, not float32
     np.testing.assert_array_equal(gu[3], gu.dequantize()[3])  # one expert widened == the whole tensor's slice
+    np.testing.assert_array_equal(gu.dequantize(), bf16_to_f32(gu.raw))
+    emb = model.embed_tokens                                 # the vocabulary-sized embedding stays bf16 too
+    assert isinstance(emb, HalfTensor)
+    ids = np.array([5, 0, 5, emb.shape[0] - 1])
+    np.testing.assert_array_equal(take_rows(emb, ids), bf16_to_f32(emb.raw)[ids])
+    buf = np.full((7,) + emb.shape[1:], np.nan, np.float32)   # a poisoned buffer is fully overwritten
+    np.testing.assert_array_equal(emb.expand_into(slice(3, 10), buf), bf16_to_f32(emb.raw)[3:10])
 
 
 def test_bf16_conversions_round_trip_and_round_to_nearest_even():

@@ -4,6 +4,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 from minidiff.model import attention, causal_attention, experts, gelu_tanh
+from minidiff.tensors import HalfTensor, bf16_to_f32, f32_to_bf16_bits
 
 
 def naive_attention(q, k, v, mask):
@@ -56,14 +57,13 @@ def test_grouped_experts_equal_a_per_token_loop(T, E, seed, data):
             want[t] += w[t, j] * (dn[idx[t, j]] @ (gelu_tanh(np, g[:Ie]) * g[Ie:]))
     np.testing.assert_allclose(experts(np, x, idx, w, gu, dn), want, rtol=1e-4, atol=1e-5)
 
-    class Packed:  # stands in for a packed/lazy tensor: expands one expert at a time
-        def __init__(self, a):
-            self.a, self.shape = a, a.shape
-        def dequantize(self):
-            return self.a
-        def __getitem__(self, e):
-            return self.a[e]
-    np.testing.assert_allclose(experts(np, x, idx, w, Packed(gu), Packed(dn)), want, rtol=1e-4, atol=1e-5)
+    # stored bf16 experts: only the experts in use are widened, `chunk` at a time (chunk 2 forces several
+    # groups with ragged counts); the values are the bf16-rounded weights
+    gu16, dn16 = HalfTensor(f32_to_bf16_bits(gu), "BF16"), HalfTensor(f32_to_bf16_bits(dn), "BF16")
+    gu_r, dn_r = bf16_to_f32(gu16.raw), bf16_to_f32(dn16.raw)
+    want16 = experts(np, x, idx, w, gu_r, dn_r)
+    for chunk in (1, 2, 16):
+        np.testing.assert_allclose(experts(np, x, idx, w, gu16, dn16, chunk=chunk), want16, rtol=1e-5, atol=1e-6)
 
 
 def test_gelu_tanh_known_values():
