@@ -19,74 +19,138 @@ With thinking on, the model writes `<|channel>thought\\n{reasoning}<channel|>` b
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import datetime
-from pathlib import Path
 
 from .errors import MinidiffError
+from .folder import ModelFolder
 
 CHANNEL_START, CHANNEL_END = "<|channel>", "<channel|>"
 THOUGHT_HEADER = CHANNEL_START + "thought"
 
 
+RENDER_SECONDS = 5            # wall-clock limit of one rendering
+RENDER_MEMORY = 1 << 30       # address-space limit of the rendering process
+RENDER_CHARS = 4 << 20        # default cap on the rendered prompt (callers pass one scaled to the context)
+
+
+def _environment():
+    """The sandboxed jinja2 environment, with transformers' options and helpers."""
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise MinidiffError(f"chat template: {message}")
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
+
+
 class ChatTemplate:
+    """A checkpoint's chat template. It is untrusted code, so besides jinja2's sandbox (no attribute
+    access to internals, no mutation of the inputs) each rendering runs in a separate process with a time
+    limit, a memory limit and a cap on the output: `{% for i in range(99999) %}{% for j in range(99999) %}`,
+    `"x" * 10**10` or a 100 MB prompt end in one error line, not a hang or an exhausted machine."""
+
     def __init__(self, source: str, bos_token: str = "<bos>", eos_token: str = "<eos>", origin: str = "template"):
         import jinja2
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise MinidiffError(f"chat template: {message}")
-
-        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[jinja2.ext.loopcontrols])
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        if not isinstance(source, str):
+            raise MinidiffError(f"{origin}: the chat template must be a string")
         try:
-            self._template = env.from_string(source)
+            _environment().parse(source)                   # syntax errors now, at load
         except jinja2.TemplateError as e:
-            raise MinidiffError(f"{origin}: not a valid jinja2 template ({e})")
+            raise MinidiffError(f"{origin}: not a valid jinja2 template ({str(e).splitlines()[0][:200]})")
+        except (RecursionError, MemoryError):
+            raise MinidiffError(f"{origin}: not a valid jinja2 template (nested too deeply)")
         self.source, self.origin = source, origin
-        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_token, self.eos_token = str(bos_token), str(eos_token)
 
     @classmethod
-    def from_folder(cls, folder) -> "ChatTemplate":
-        """`chat_template.jinja`, else the `chat_template` entry of tokenizer_config.json."""
-        folder = Path(folder) if folder is not None else None
-        if folder is not None and (folder / "chat_template.jinja").is_file():
-            path = folder / "chat_template.jinja"
-            return cls(path.read_text(encoding="utf-8"), origin=str(path))
-        cfg_path = folder / "tokenizer_config.json" if folder is not None else None
-        if cfg_path is not None and cfg_path.is_file():
-            try:
-                cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-            except ValueError as e:
-                raise MinidiffError(f"{cfg_path}: not valid JSON ({e})")
-            t = cfg.get("chat_template")
-            if isinstance(t, list):   # [{"name": "default", "template": ...}, ...]
-                t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
-            if isinstance(t, str):
-                return cls(t, bos_token=_token_str(cfg.get("bos_token"), "<bos>"),
-                           eos_token=_token_str(cfg.get("eos_token"), "<eos>"), origin=str(cfg_path))
-        raise MinidiffError(f"no chat template in {folder} (no chat_template.jinja); use --raw for a plain prompt")
+    def from_folder(cls, folder) -> "ChatTemplate | None":
+        """`chat_template.jinja`, else the `chat_template` entry of tokenizer_config.json; None if the folder
+        has neither (a template that is there but broken is an error)."""
+        if folder is None:
+            return None
+        d = ModelFolder(folder)
+        if d.has("chat_template.jinja"):
+            return cls(d.read_text("chat_template.jinja"), origin=str(d.shown / "chat_template.jinja"))
+        if not d.has("tokenizer_config.json"):
+            return None
+        cfg = d.read_json("tokenizer_config.json")
+        where = str(d.shown / "tokenizer_config.json")
+        t = cfg.get("chat_template") if isinstance(cfg, dict) else None
+        if isinstance(t, list):   # [{"name": "default", "template": ...}, ...]
+            t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+        if t is None:
+            return None
+        if not isinstance(t, str):
+            raise MinidiffError(f"{where}: chat_template must be a string")
+        return cls(t, bos_token=_token_str(cfg.get("bos_token"), "<bos>"),
+                   eos_token=_token_str(cfg.get("eos_token"), "<eos>"), origin=where)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = False,
-               tools: list | None = None, **extra) -> str:
+               tools: list | None = None, max_chars: int = RENDER_CHARS, **extra) -> str:
         """messages [{"role": "system"|"user"|"assistant", "content": str}, ...] -> the prompt string."""
         for m in messages:
             if not isinstance(m, dict) or "role" not in m:
                 raise MinidiffError("chat messages must be objects with a 'role'")
+        job = dict(source=self.source, max_chars=int(max_chars),
+                   kwargs=dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                               enable_thinking=enable_thinking, tools=tools, bos_token=self.bos_token,
+                               eos_token=self.eos_token, **extra))
         try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         enable_thinking=enable_thinking, tools=tools, bos_token=self.bos_token,
-                                         eos_token=self.eos_token, **extra)
-        except MinidiffError:
-            raise
-        except Exception as e:  # a template bug or a sandbox violation
-            raise MinidiffError(f"{self.origin}: rendering failed ({type(e).__name__}: {e})")
+            job_text = json.dumps(job, ensure_ascii=True)
+        except (TypeError, ValueError) as e:
+            raise MinidiffError(f"chat messages must be JSON data ({e})")
+        try:
+            p = subprocess.run([sys.executable, "-m", "minidiff.chat"], input=job_text, capture_output=True,
+                               text=True, encoding="utf-8", errors="replace", timeout=RENDER_SECONDS)
+        except subprocess.TimeoutExpired:
+            raise MinidiffError(f"{self.origin}: rendering took longer than {RENDER_SECONDS} s (stopped)")
+        try:
+            reply = json.loads(p.stdout)
+        except ValueError:
+            reply = {"error": "rendering failed (the rendering process ran out of memory or crashed)"}
+        if "error" in reply:
+            raise MinidiffError(f"{self.origin}: {reply['error']}")
+        return reply["text"]
+
+
+def _render_in_child() -> None:
+    """The rendering process (`python -m minidiff.chat`): a job as JSON on stdin, {"text"} or {"error"}."""
+    try:
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (RENDER_MEMORY, RENDER_MEMORY))
+        resource.setrlimit(resource.RLIMIT_CPU, (RENDER_SECONDS, RENDER_SECONDS + 1))
+    except (ImportError, ValueError, OSError):
+        pass                                          # not on this platform: the parent's timeout remains
+    out = {}
+    try:
+        job = json.loads(sys.stdin.read())
+        limit = job["max_chars"]
+        parts, n = [], 0
+        for piece in _environment().from_string(job["source"]).generate(**job["kwargs"]):
+            n += len(piece)
+            if n > limit:
+                raise MinidiffError(f"rendered prompt is longer than {limit} characters (stopped)")
+            parts.append(piece)
+        out["text"] = "".join(parts)
+    except MinidiffError as e:
+        out["error"] = str(e)
+    except MemoryError:
+        out["error"] = "rendering needs more memory than allowed (stopped)"
+    except RecursionError:
+        out["error"] = "rendering recursed too deeply (stopped)"
+    except Exception as e:                            # a template bug or a sandbox violation
+        out["error"] = f"rendering failed ({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
+    sys.stdout.write(json.dumps(out, ensure_ascii=True))
 
 
 def _token_str(t, default):
@@ -135,3 +199,7 @@ def format_reply(text: str, show_thoughts: bool) -> str:
     if thought is None or not show_thoughts:
         return answer
     return f"[thinking]\n{thought.strip()}\n[/thinking]\n{answer}"
+
+
+if __name__ == "__main__":
+    _render_in_child()

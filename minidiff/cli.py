@@ -6,7 +6,10 @@ Ctrl-C exits 130.
 """
 
 import argparse
+import errno
 import importlib
+import os
+import signal
 import sys
 
 from .errors import MinidiffError
@@ -48,24 +51,71 @@ def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    selected = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(selected if selected in COMMANDS else None)
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
+def _on_signal(signum, frame):
+    """SIGTERM / SIGHUP end minidiff like Ctrl-C: cleanup code (temporary files) runs on the way out."""
+    raise KeyboardInterrupt
+
+
+def _check_text(values, what):
+    for v in values:
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:
+            raise MinidiffError(f"{what} {v.encode('utf-8', 'surrogateescape')[:40]!r}… is not valid UTF-8")
+
+
+def _quiet_stdout():
+    """After stdout failed (disk full, closed pipe), point it at /dev/null so that Python's own flush at
+    exit does not print a second error."""
     try:
-        return int(args._run(args) or 0)
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, sys.stdout.fileno())
+    except (OSError, AttributeError, ValueError):
+        pass
+
+
+def main(argv=None) -> int:
+    try:
+        for sig in ("SIGTERM", "SIGHUP"):
+            if hasattr(signal, sig):
+                signal.signal(getattr(signal, sig), _on_signal)
+        argv = sys.argv[1:] if argv is None else list(argv)
+        _check_text(argv, "argument")
+        selected = next((a for a in argv if not a.startswith("-")), None)
+        parser = build_parser(selected if selected in COMMANDS else None)
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        code = int(args._run(args) or 0)
+        if sys.stdout is not None:
+            sys.stdout.flush()                   # a full disk shows here, as one line below
+        return code
     except MinidiffError as e:
-        print(f"minidiff: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(str(e))
     except KeyboardInterrupt:
         print("\nminidiff: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        _quiet_stdout()
         return 0
+    except UnicodeError as e:                    # text on stdin or in a file that is not UTF-8
+        return _fail(f"input is not valid UTF-8 text ({type(e).__name__} at position {getattr(e, 'start', '?')})")
+    except MemoryError:
+        return _fail("out of memory")
+    except OSError as e:                         # disk full, permission denied, a path that is a folder, …
+        _quiet_stdout()
+        name = e.filename if e.filename is not None else ("standard output" if e.errno == errno.ENOSPC else "")
+        return _fail(f"{name}: {e.strerror or e}" if name else f"{e.strerror or e}")
+
+
+def _fail(message: str) -> int:
+    message = message.replace("\n", " ").replace("\r", " ")
+    try:
+        print(f"minidiff: error: {message}", file=sys.stderr)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return 2
 
 
 if __name__ == "__main__":

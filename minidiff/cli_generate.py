@@ -114,12 +114,11 @@ class Session:
         if self.tok.vocab_size > self.model.config.vocab_size:
             raise MinidiffError(f"tokenizer has {self.tok.vocab_size} tokens, the model only {self.model.config.vocab_size}")
         self.template = None
-        if want_chat is not False:
-            try:
-                self.template = ChatTemplate.from_folder(self.model.folder)
-            except MinidiffError:
-                if want_chat:
-                    raise
+        if want_chat is not False:     # a template that is there but broken is an error, never a silent --raw
+            self.template = ChatTemplate.from_folder(self.model.folder)
+            if self.template is None and want_chat:
+                raise MinidiffError(f"no chat template in {self.model.folder} (no chat_template.jinja); "
+                                    "use --raw for a plain prompt")
         self.overrides = sampler_overrides(args)
         self.config = resolve_config(self.model, None, **self.overrides)    # validates the options now
         mc = self.model.config
@@ -127,9 +126,15 @@ class Session:
         self.pad = self.config.pad_token_id if self.config.pad_token_id is not None else mc.pad_token_id
 
     def prompt_ids(self, messages=None, raw: str | None = None, enable_thinking=False) -> list[int]:
+        """The prompt's ids; text longer than the context could ever hold (16 characters a position) is
+        refused before the tokenizer sees it."""
+        limit = 16 * self.model.config.max_position_embeddings
         if raw is not None:
+            if len(raw) > limit:
+                raise MinidiffError(f"prompt of {len(raw)} characters cannot fit the model's context "
+                                    f"of {self.model.config.max_position_embeddings} positions")
             return self.tok.encode(raw, add_bos=True)
-        return self.tok.encode(self.template.render(messages, enable_thinking=enable_thinking))
+        return self.tok.encode(self.template.render(messages, enable_thinking=enable_thinking, max_chars=limit))
 
     def text(self, tokens) -> str:
         from .chat import response_ids

@@ -11,8 +11,9 @@ vision tensors are never touched. NumPy has no bfloat16, so BF16 tensors are wid
 
 from __future__ import annotations
 
-import json
+import math
 import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import MinidiffError
+from .folder import ModelFolder, _show, parse_json, plain_name
 from .tensors import HalfTensor, bf16_to_f32, f32_to_bf16_bits  # noqa: F401  (re-exported)
 
 # safetensors dtype -> (numpy dtype of the raw bits, bytes per element)
@@ -33,93 +35,146 @@ FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 MAX_HEADER = 100 * 1024 * 1024
 
 
-class SafetensorsFile:
-    """One .safetensors file: parsed header + a read-only memory map of its data."""
+MAX_DIMS, MAX_DIM = 8, 2 ** 40
 
-    def __init__(self, path: Path):
+
+class SafetensorsFile:
+    """One .safetensors file: parsed, checked header + a read-only memory map of its data.
+
+    `path` is a file that `ModelFolder.path` has already checked (inside the folder, regular). The header
+    is untrusted: every entry must be {"dtype": known string, "shape": list of ints, "data_offsets":
+    [begin, end]} with end - begin = the bytes its dtype and shape need, inside the data section, and no
+    two tensors may share bytes. Error lines name the file and the tensor, never the file's bytes.
+    """
+
+    def __init__(self, path: Path, shown=None):
         self.path = Path(path)
+        where = self.shown = str(shown or path)
         try:
-            size = self.path.stat().st_size
             with open(self.path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
                 head = f.read(8)
                 if len(head) < 8:
-                    raise MinidiffError(f"{self.path}: truncated safetensors file ({size} bytes, no header)")
+                    raise MinidiffError(f"{where}: truncated safetensors file ({size} bytes, no header)")
                 (n,) = struct.unpack("<Q", head)
-                if n > size - 8 or n > MAX_HEADER:
-                    raise MinidiffError(f"{self.path}: header length {n} runs past the end of the file ({size} bytes)")
+                if n > MAX_HEADER:
+                    raise MinidiffError(f"{where}: header length field is larger than {MAX_HEADER // 2 ** 20} MiB "
+                                        "(not a safetensors file?)")
+                if n > size - 8:
+                    raise MinidiffError(f"{where}: header length runs past the end of the file ({size} bytes)")
                 raw = f.read(n)
         except OSError as e:
-            raise MinidiffError(f"{self.path}: cannot read ({e.strerror})")
+            raise MinidiffError(f"{where}: cannot read ({e.strerror})")
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise MinidiffError(f"{self.path}: malformed safetensors header ({e})")
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MinidiffError(f"{where}: malformed safetensors header (not UTF-8 text)")
+        header = parse_json(text, f"{where} (header)")
         if not isinstance(header, dict):
-            raise MinidiffError(f"{self.path}: malformed safetensors header (not a JSON object)")
-        header.pop("__metadata__", None)
+            raise MinidiffError(f"{where}: malformed safetensors header (not a JSON object)")
+        meta = header.pop("__metadata__", {})
+        if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+            raise MinidiffError(f"{where}: __metadata__ must map names to strings")
         self.data_start = 8 + n
         data_len = size - self.data_start
         self.entries = {}
+        spans = []
         for name, e in header.items():
-            try:
-                dtype, shape, (begin, end) = e["dtype"], [int(s) for s in e["shape"]], e["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise MinidiffError(f"{self.path}: malformed header entry for tensor {name!r}")
-            if dtype not in DTYPES:
-                raise MinidiffError(f"{self.path}: tensor {name!r} has unknown dtype {dtype!r}")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize
-            if not (0 <= begin <= end) or end - begin != nbytes or any(s < 0 for s in shape):
-                raise MinidiffError(f"{self.path}: tensor {name!r}: data_offsets {[begin, end]} do not match "
-                                    f"dtype {dtype} and shape {shape}")
+            dtype, shape, begin, end = _entry(e, name, where)
+            nbytes = math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize
+            if end - begin != nbytes:
+                raise MinidiffError(f"{where}: tensor {name!r}: data_offsets {[begin, end]} do not match "
+                                    f"dtype {dtype} and shape {shape} ({nbytes} bytes)")
             if end > data_len:
-                raise MinidiffError(f"{self.path}: truncated file: tensor {name!r} needs bytes up to {end} "
+                raise MinidiffError(f"{where}: truncated file: tensor {name!r} needs bytes up to {end} "
                                     f"but the data section has {data_len}")
             self.entries[name] = (dtype, tuple(shape), begin)
+            if nbytes:
+                spans.append((begin, end, name))
+        spans.sort()
+        for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise MinidiffError(f"{where}: tensors {n0!r} and {n1!r} overlap in the file (data_offsets)")
         self._mm = None
 
     def raw(self, name: str) -> np.ndarray:
         """The stored bits as a read-only NumPy view (BF16 -> uint16, F8 -> uint8). Reads lazily."""
         dtype, shape, begin = self.entries[name]
         if self._mm is None:
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.data_start < self.path.stat().st_size else b""
-        count = int(np.prod(shape, dtype=np.int64))
+            try:
+                with open(self.path, "rb") as f:
+                    self._mm = (mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                                if self.data_start < os.fstat(f.fileno()).st_size else b"")
+            except (OSError, ValueError) as e:
+                raise MinidiffError(f"{self.shown}: cannot map ({getattr(e, 'strerror', None) or e})")
+        if self.data_start + begin + math.prod(shape) * np.dtype(DTYPES[dtype]).itemsize > len(self._mm):
+            raise MinidiffError(f"{self.shown}: the file shrank while it was in use")
+        count = math.prod(shape)
         return np.frombuffer(self._mm, dtype=DTYPES[dtype], count=count, offset=self.data_start + begin).reshape(shape)
+
+
+def _entry(e, name, where):
+    """(dtype, shape, begin, end) of one header entry, every field type- and range-checked."""
+    bad = f"{where}: malformed header entry for tensor {name!r}"
+    if not isinstance(e, dict):
+        raise MinidiffError(f"{bad} (not an object)")
+    dtype, shape, offsets = e.get("dtype"), e.get("shape"), e.get("data_offsets")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise MinidiffError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}"[:300])
+    if (not isinstance(shape, list) or len(shape) > MAX_DIMS
+            or not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)):
+        raise MinidiffError(f"{bad} (shape must be a list of at most {MAX_DIMS} non-negative integers)")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets):
+        raise MinidiffError(f"{bad} (data_offsets must be two integers)")
+    begin, end = offsets
+    if not 0 <= begin <= end:
+        raise MinidiffError(f"{where}: tensor {name!r}: data_offsets {offsets} are not 0 <= begin <= end")
+    return dtype, shape, begin, end
 
 
 class Checkpoint:
     """All tensors of a model folder: a single model.safetensors or shards with an index."""
 
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
+    def __init__(self, folder):
+        self.dir = folder if isinstance(folder, ModelFolder) else ModelFolder(folder)
+        self.folder = self.dir.shown
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, str] = {}  # tensor name -> file name
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                assert isinstance(weight_map, dict)
-            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AssertionError):
-                raise MinidiffError(f"{index}: malformed index (expected a JSON object with a 'weight_map')")
+        index_name = "model.safetensors.index.json"
+        index = self.folder / index_name
+        if self.dir.has(index_name):
+            d = self.dir.read_json(index_name)
+            weight_map = d.get("weight_map") if isinstance(d, dict) else None
+            if not isinstance(weight_map, dict):
+                raise MinidiffError(f"{index}: malformed index (expected a JSON object with a 'weight_map' object)")
+            for name, fname in weight_map.items():
+                if not isinstance(fname, str) or "/" in fname or not fname.endswith(".safetensors"):
+                    raise MinidiffError(f"{index}: weight_map[{name!r}] must be the name of a .safetensors file "
+                                        f"in the folder, got {_show(fname)}"[:300])
+                plain_name(fname, str(index))
             for fname in sorted(set(weight_map.values())):
-                if not (self.folder / fname).is_file():
+                path = self.dir.path(fname, str(index))
+                if path is None:
                     raise MinidiffError(f"{index}: points to missing shard {fname}")
-                self.files[fname] = SafetensorsFile(self.folder / fname)
+                self.files[fname] = SafetensorsFile(path, self.folder / fname)
             for name, fname in weight_map.items():
                 if name not in self.files[fname].entries:
-                    raise MinidiffError(f"{index}: tensor {name} is not in shard {fname}")
+                    raise MinidiffError(f"{index}: tensor {name!r} is not in shard {fname}"[:300])
                 self.where[name] = fname
         else:
-            shards = sorted(self.folder.glob("*.safetensors"))
+            shards = [n for n in self.dir.names(".safetensors")]
             if not shards:
                 raise MinidiffError(f"{self.folder}: no model.safetensors or model.safetensors.index.json")
-            for p in shards:
-                self.files[p.name] = f = SafetensorsFile(p)
+            for fname in shards:
+                path = self.dir.path(fname)
+                if path is None:       # a dangling link
+                    raise MinidiffError(f"{self.folder / fname}: a link to nothing")
+                self.files[fname] = f = SafetensorsFile(path, self.folder / fname)
                 for name in f.entries:
                     if name in self.where:
-                        raise MinidiffError(f"{self.folder}: tensor {name} is in both {self.where[name]} and {p.name} "
-                                            "(and there is no model.safetensors.index.json to choose)")
-                    self.where[name] = p.name
+                        raise MinidiffError(f"{self.folder}: tensor {name!r} is in both {self.where[name]} and "
+                                            f"{fname} (and there is no model.safetensors.index.json to choose)"[:400])
+                    self.where[name] = fname
 
     def names(self) -> list[str]:
         return list(self.where)
@@ -155,7 +210,7 @@ class Checkpoint:
 
 
 def open_checkpoint(folder) -> Checkpoint:
-    return Checkpoint(Path(folder))
+    return Checkpoint(folder)
 
 
 # ----------------------------------------------------------------------------------------------

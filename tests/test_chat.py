@@ -77,7 +77,9 @@ def test_template_from_tokenizer_config(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": {"content": "<s>"}, "chat_template": [{"name": "default", "template": "{{ bos_token }}X"}]}))
     assert ChatTemplate.from_folder(tmp_path).render([]) == "<s>X"
-    with pytest.raises(MinidiffError, match="no chat template"):
+    (tmp_path / "empty").mkdir()
+    assert ChatTemplate.from_folder(tmp_path / "empty") is None            # no template: raw prompts
+    with pytest.raises(MinidiffError, match="no such folder"):
         ChatTemplate.from_folder(tmp_path / "none")
 
 

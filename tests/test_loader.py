@@ -117,5 +117,5 @@ def test_same_tensor_in_two_unindexed_files_is_an_error(tmp_path):
     from minidiff.weights import open_checkpoint
     save_file({"a": np.zeros(2, np.float32)}, str(tmp_path / "x.safetensors"))
     save_file({"a": np.ones(2, np.float32)}, str(tmp_path / "y.safetensors"))
-    with pytest.raises(MinidiffError, match="tensor a is in both x.safetensors and y.safetensors"):
+    with pytest.raises(MinidiffError, match="tensor 'a' is in both x.safetensors and y.safetensors"):
         open_checkpoint(tmp_path)
