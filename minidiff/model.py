@@ -402,7 +402,11 @@ class Model:
         for i in range(cfg.num_hidden_layers):
             h, _, _ = self.layer(i, h, positions, cache.keys[i], cache.values[i], None, "denoise")
         logits = tied_head(xp, rms_norm(xp, h, self.final_norm, eps), self.embed_tokens)   # [C, V]
-        return softcap(xp, logits, cfg.final_logit_softcapping)
+        logits = softcap(xp, logits, cfg.final_logit_softcapping)
+        if not bool(xp.isfinite(logits).all()):      # NaN in, NaN out: an error, never silent garbage
+            raise MinidiffError("denoise: the logits are not finite (NaN): a weight of the checkpoint, the cache "
+                                "or the self-conditioning logits hold NaN or infinite values")
+        return logits
 
     def generate(self, prompt_ids, **kwargs):
         """Block-diffusion generation; see `minidiff.sampler.generate`."""

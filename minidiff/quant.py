@@ -69,7 +69,7 @@ Loading (`load_quantized`) keeps the packed bytes (memory-mapped) and dequantize
 from __future__ import annotations
 
 import fnmatch
-import json
+import functools
 import re
 from pathlib import Path
 
@@ -403,12 +403,58 @@ CT_INT4_FORMATS = ("pack-quantized",)
 CT_NVFP4_FORMATS = ("nvfp4-pack-quantized",)
 
 
+MAX_PATTERN = 1000
+
+
 def _match(name: str, target: str) -> bool:
     """compressed-tensors target matching: "re:<regex>" (re.match) or the exact module name; the
     class name "Linear" matches every module we are asked about (all of them are Linear layers)."""
     if target.startswith("re:"):
-        return re.match(target[3:], name) is not None
+        return _safe_regex(target[3:]).match(name) is not None
     return target == name or target == "Linear"
+
+
+@functools.lru_cache(maxsize=4096)
+def _safe_regex(pattern: str):
+    """Compile a regex from a config file, refusing the shapes that backtrack exponentially or with a high
+    power of the name's length: a repeat whose body holds an unbounded repeat or an alternation, as in
+    `(a+)+$`, `(a|aa)*$` or `(.*a){20}`, and more than 5 unbounded repeats in all (`.*a.*a.*a…`).
+    Python's re has no time limit; the patterns of real checkpoints (`re:.*\\.router\\.proj$`) need none
+    of these."""
+    try:
+        import re._parser as sre      # Python >= 3.11
+        from re._constants import MAXREPEAT
+    except ImportError:               # Python 3.10
+        import sre_parse as sre
+        from sre_constants import MAXREPEAT
+    repeats = {sre.MAX_REPEAT, sre.MIN_REPEAT} | ({sre.POSSESSIVE_REPEAT} if hasattr(sre, "POSSESSIVE_REPEAT") else set())
+    unbounded = 0
+
+    def risky(items, in_repeat: bool) -> bool:
+        nonlocal unbounded
+        for op, av in items:
+            if op in repeats:
+                lo, hi, body = av
+                unbounded += hi == MAXREPEAT
+                if (in_repeat and hi == MAXREPEAT) or risky(body, in_repeat or hi > 1):
+                    return True
+            elif op == sre.BRANCH:
+                if in_repeat or any(risky(b, in_repeat) for b in av[1]):
+                    return True
+            elif op == sre.SUBPATTERN:
+                if risky(av[-1], in_repeat):
+                    return True
+            elif op in (sre.ASSERT, sre.ASSERT_NOT):
+                if risky(av[1], in_repeat):
+                    return True
+        return False
+    try:
+        if len(pattern) > MAX_PATTERN or risky(sre.parse(pattern), False) or unbounded > 5:
+            raise MinidiffError(f"quantization_config: pattern {pattern[:60]!r} could take exponential time "
+                                "to match (nested, alternated or many unbounded repeats); refused")
+        return re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise MinidiffError(f"quantization_config: invalid pattern {pattern[:60]!r} ({e})")
 
 
 class Scheme:
@@ -425,10 +471,10 @@ def _ct_scheme(cfg: dict, module: str, tensor: str, source: str) -> Scheme | Non
     groups = cfg.get("config_groups") or {}
     if not isinstance(groups, dict) or not groups:
         raise MinidiffError(f"{source}: quantization_config has no config_groups (needed for {tensor})")
-    if any(_match(module, t) for t in (cfg.get("ignore") or []) if t != "Linear"):
+    if any(_match(module, t) for t in _patterns(cfg, "ignore", source) if t != "Linear"):
         return None
     hits = [(k, g) for k, g in groups.items()
-            if isinstance(g, dict) and any(_match(module, t) for t in (g.get("targets") or []))]
+            if isinstance(g, dict) and any(_match(module, t) for t in _patterns(g, "targets", source))]
     if len(hits) > 1:  # compressed-tensors prefers exact names over regexes over class names
         exact = [h for h in hits if module in (h[1].get("targets") or [])]
         regex = [h for h in hits if any(t.startswith("re:") and _match(module, t) for t in h[1].get("targets"))]
@@ -470,27 +516,40 @@ def _modelopt_cfg(ckpt, quantization_config) -> tuple[dict, str] | None:
     """The ModelOpt settings, from config.json (quant_method: modelopt) or hf_quant_config.json."""
     if isinstance(quantization_config, dict) and quantization_config.get("quant_method") == "modelopt":
         q = quantization_config
-        return (q.get("quantization", q), str(Path(getattr(ckpt, "folder", ".")) / "config.json"))
-    path = Path(getattr(ckpt, "folder", ".")) / "hf_quant_config.json"
-    if path.is_file():
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-            return (d["quantization"], str(path))
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise MinidiffError(f"{path}: malformed (expected a JSON object with a 'quantization' section)")
-    return None
+        q = q.get("quantization", q)
+        return (q, str(Path(getattr(ckpt, "folder", ".")) / "config.json")) if isinstance(q, dict) else None
+    d = getattr(ckpt, "dir", None)
+    if d is None or not d.has("hf_quant_config.json"):
+        return None
+    where = str(d.shown / "hf_quant_config.json")
+    q = d.read_json("hf_quant_config.json")
+    if not isinstance(q, dict) or not isinstance(q.get("quantization"), dict):
+        raise MinidiffError(f"{where}: malformed (expected a JSON object with a 'quantization' object)")
+    return q["quantization"], where
+
+
+def _patterns(cfg: dict, key: str, source: str) -> list[str]:
+    """A list of module-name patterns from a quantization config (absent = empty), type-checked."""
+    v = cfg.get(key)
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(p, str) and len(p) <= MAX_PATTERN for p in v) or len(v) > 10000:
+        raise MinidiffError(f"{source}: {key} must be a list of module names or patterns "
+                            f"(strings of at most {MAX_PATTERN} characters)")
+    return v
 
 
 def _modelopt_scheme(mo: dict, module: str, tensor: str, source: str) -> Scheme | None:
-    for pat in mo.get("exclude_modules") or []:
+    # ModelOpt's own export and vLLM name the exclusions `ignore`; older files `exclude_modules`: both count
+    for pat in _patterns(mo, "ignore", source) + _patterns(mo, "exclude_modules", source):
         if fnmatch.fnmatchcase(module, pat):
             return None
     algo = mo.get("quant_algo")
     if algo != "NVFP4":
-        raise MinidiffError(f"{source}: {tensor}: unsupported ModelOpt quant_algo {algo!r} (minidiff reads NVFP4)")
+        raise MinidiffError(f"{source}: {tensor}: unsupported ModelOpt quant_algo {str(algo)[:40]!r} (minidiff reads NVFP4)")
     gs = mo.get("group_size", NVFP4_GROUP)
-    if gs != NVFP4_GROUP:
-        raise MinidiffError(f"{source}: {tensor}: NVFP4 group_size {gs} (must be 16)")
+    if gs != NVFP4_GROUP or isinstance(gs, bool):
+        raise MinidiffError(f"{source}: {tensor}: NVFP4 group_size {str(gs)[:20]} (must be 16)")
     return Scheme("nvfp4-modelopt", NVFP4_GROUP, source)
 
 

@@ -382,8 +382,14 @@ def quantization_config(group: dict, fmt: str, scope: str) -> dict:
                                          if g is None]
         if scope == "experts":
             excl += ["*self_attn*", "*mlp*"]
+        # ModelOpt's export (and vLLM's reader) take the exclusions from `ignore`, next to `config_groups`;
+        # older readers from `exclude_modules`: both are written, with the same list
+        weights = {"num_bits": 4, "type": "float", "group_size": Q.NVFP4_GROUP, "dynamic": False}
         return {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": Q.NVFP4_GROUP,
-                "kv_cache_quant_algo": None, "exclude_modules": excl, "producer": {"name": "minidiff"}}
+                "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights,
+                                              "input_activations": None}},
+                "ignore": excl, "exclude_modules": excl, "kv_cache_quant_algo": None, "kv_cache_scheme": None,
+                "producer": {"name": "minidiff"}}
     by_size: dict[int, list] = {}
     for kind, g in sorted(group.items()):
         if g is not None:

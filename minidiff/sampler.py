@@ -28,21 +28,23 @@ so a mock denoiser can stand in for the model (tests/test_sampler*.py).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import os
 import secrets
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .backend import array_module, rowwise
 from .errors import MinidiffError
+from .folder import ModelFolder
 
 # ----------------------------------------------------------------------------------------------
 # Parameters
+
+MAX_STEPS = 10_000   # denoising steps per canvas (the release uses 48)
 
 
 @dataclass
@@ -95,14 +97,12 @@ class GenerationConfig:
     @classmethod
     def from_model_folder(cls, folder) -> "GenerationConfig":
         """Defaults overlaid with `folder/generation_config.json` when the file exists."""
-        path = Path(folder) / "generation_config.json" if folder is not None else None
-        if path is None or not path.is_file():
+        if folder is None or not os.path.isdir(folder):
             return cls()
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            raise MinidiffError(f"{path}: not valid JSON ({e})")
-        return cls.from_dict(d, where=str(path))
+        d = ModelFolder(folder)
+        if not d.has("generation_config.json"):
+            return cls()
+        return cls.from_dict(d.read_json("generation_config.json"), where=str(d.shown / "generation_config.json"))
 
     def replace(self, **overrides) -> "GenerationConfig":
         """A validated copy with `overrides` applied (an unknown name is an error)."""
@@ -127,8 +127,8 @@ class GenerationConfig:
             bad("max_new_tokens", "a positive integer", self.max_new_tokens)
         if self.max_length is not None and (not is_int(self.max_length) or self.max_length <= 0):
             bad("max_length", "a positive integer", self.max_length)
-        if not is_int(self.max_denoising_steps) or self.max_denoising_steps <= 0:
-            bad("max_denoising_steps", "a positive integer", self.max_denoising_steps)
+        if not is_int(self.max_denoising_steps) or not 0 < self.max_denoising_steps <= MAX_STEPS:
+            bad("max_denoising_steps", f"an integer in [1, {MAX_STEPS}]", self.max_denoising_steps)
         if not is_num(self.entropy_bound) or not self.entropy_bound > 0 or not math.isfinite(self.entropy_bound):
             bad("entropy_bound", "a number > 0", self.entropy_bound)
         for name in ("t_min", "t_max"):
@@ -139,27 +139,34 @@ class GenerationConfig:
             raise MinidiffError(f"{where} t_max must be greater than t_min (got t_max={self.t_max}, t_min={self.t_min})")
         if self.stability_threshold is not None and (not is_int(self.stability_threshold) or self.stability_threshold < 0):
             bad("stability_threshold", "an integer >= 0", self.stability_threshold)
+        # a window longer than the steps can never be met within a canvas, exactly like one of N: clamped
+        stability = None if self.stability_threshold is None else min(int(self.stability_threshold),
+                                                                        int(self.max_denoising_steps))
         if self.confidence_threshold is not None and (
-                not is_num(self.confidence_threshold) or not self.confidence_threshold > 0):
+                not is_num(self.confidence_threshold) or not self.confidence_threshold > 0
+                or not math.isfinite(self.confidence_threshold)):
             bad("confidence_threshold", "a number > 0", self.confidence_threshold)
         eos = self.eos_token_id
         if eos is not None:
             eos = [eos] if is_int(eos) else eos
-            if not isinstance(eos, (list, tuple)) or not all(is_int(e) and e >= 0 for e in eos):
+            if not isinstance(eos, (list, tuple)) or len(eos) > 1024 or not all(is_int(e) and e >= 0 for e in eos):
                 bad("eos_token_id", "a token id or a list of token ids", self.eos_token_id)
             eos = [int(e) for e in eos]
         if self.pad_token_id is not None and (not is_int(self.pad_token_id) or self.pad_token_id < 0):
             bad("pad_token_id", "a token id", self.pad_token_id)
         if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
             bad("seed", "an integer >= 0", self.seed)
-        if self.self_conditioning_dtype not in ("auto", "bfloat16", "float32"):
+        if not isinstance(self.greedy, (bool, np.bool_)):
+            bad("greedy", "true or false", self.greedy)
+        if not isinstance(self.self_conditioning_dtype, str) or \
+                self.self_conditioning_dtype not in ("auto", "bfloat16", "float32"):
             bad("self_conditioning_dtype", "'auto', 'bfloat16' or 'float32'", self.self_conditioning_dtype)
         return dataclasses.replace(
             self, entropy_bound=float(self.entropy_bound),
             t_min=None if self.t_min is None else float(self.t_min),
             t_max=None if self.t_max is None else float(self.t_max),
             confidence_threshold=None if self.confidence_threshold is None else float(self.confidence_threshold),
-            eos_token_id=eos, greedy=bool(self.greedy))
+            eos_token_id=eos, greedy=bool(self.greedy), stability_threshold=stability)
 
     @property
     def adaptive_stopping(self) -> bool:
@@ -444,6 +451,9 @@ def generate(model, prompt_ids, config: GenerationConfig | None = None, *, callb
                     xp = _xp(raw)
                     z = xp.zeros((B, C, V), dtype=xp.float32)   # tempered logits, reused by every step
                 z[b] = raw if T is None else raw / T
+                if T is not None and not bool(xp.isfinite(z[b]).all()):
+                    raise MinidiffError(f"temperature {float(T):.3g} is too small: logits / T overflow float32 "
+                                        "(raise t_min / t_max)")
             za = z if len(rows) == B else z[rows]           # [b, C, V] the rows that ran
             amax_a = za.argmax(axis=-1)                     # [b, C]
             if cfg.greedy:                                  # T -> 0: one-hot distributions, H = 0
@@ -549,13 +559,12 @@ def _checkpoint_dtype(model) -> str | None:
     if isinstance(d, str):
         return d
     folder = getattr(model, "folder", None)
-    if folder is None or not (Path(folder) / "config.json").is_file():
+    if folder is None or not ModelFolder(folder).has("config.json"):
         return None
-    try:
-        root = json.loads((Path(folder) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    tc = root.get("text_config") or {}
+    root = ModelFolder(folder).read_json("config.json")
+    tc = root.get("text_config") if isinstance(root, dict) else None
+    tc = tc if isinstance(tc, dict) else {}
+    root = root if isinstance(root, dict) else {}
     for d in (root.get("dtype"), root.get("torch_dtype"), tc.get("dtype"), tc.get("torch_dtype")):
         if isinstance(d, str):
             return d

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .errors import MinidiffError
+from .folder import MAX_TOKENIZER_BYTES, ModelFolder
 
 # ids the sampler and the chat view care about (Gemma 4; shared/reference/architecture.md §5)
 SPECIAL_NAMES = {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>", "turn_start": "<|turn>",
@@ -28,20 +29,26 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path) -> "Tokenizer":
-        from tokenizers import Tokenizer as HFTokenizer
         path = Path(path)
-        if not path.is_file():
-            raise MinidiffError(f"no tokenizer: {path} does not exist")
-        try:
-            return cls(HFTokenizer.from_file(str(path)), path)
-        except Exception as e:  # malformed JSON or an unknown model type
-            raise MinidiffError(f"{path}: cannot read the tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        return cls.from_folder(path.parent, path.name)
 
     @classmethod
-    def from_folder(cls, folder) -> "Tokenizer":
+    def from_folder(cls, folder, name: str = "tokenizer.json") -> "Tokenizer":
+        """The folder's tokenizer.json, read through the folder checks (inside it, regular, size-limited)."""
+        from tokenizers import Tokenizer as HFTokenizer
         if folder is None:
             raise MinidiffError("no tokenizer: the model has no folder")
-        return cls.from_file(Path(folder) / "tokenizer.json")
+        d = ModelFolder(folder)
+        if not d.has(name):
+            raise MinidiffError(f"no tokenizer: {d.shown / name} does not exist")
+        text = d.read_text(name, MAX_TOKENIZER_BYTES)
+        try:
+            return cls(HFTokenizer.from_str(text), d.shown / name)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # malformed JSON, an unknown model type, or a panic in the Rust library
+            msg = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise MinidiffError(f"{d.shown / name}: cannot read the tokenizer ({msg})")
 
     @property
     def bos_id(self):
@@ -49,7 +56,12 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         """Text -> ids. Special-token strings in `text` ("<|turn>") become their single ids."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self._tok.encode(text, add_special_tokens=False).ids
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # the Rust tokenizer panics on some inputs instead of raising
+            raise MinidiffError(f"{self.path}: the tokenizer failed on this text ({type(e).__name__})")
         if add_bos:
             if self.bos_id is None:
                 raise MinidiffError("the tokenizer has no <bos> token")
@@ -57,7 +69,12 @@ class Tokenizer:
         return ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        try:
+            return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:
+            raise MinidiffError(f"{self.path}: the tokenizer failed to decode ({type(e).__name__})")
 
     def token(self, i: int) -> str:
         """The vocabulary string of one id (for the live view); '?' if unknown."""

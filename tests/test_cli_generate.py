@@ -57,7 +57,7 @@ def test_prompt_from_stdin(capsys, monkeypatch):
 @pytest.mark.parametrize("argv, msg", [
     (["generate", ""], "empty prompt"),
     (["generate", "   "], "empty prompt"),
-    (["generate", "hi", "--steps", "-1"], "max_denoising_steps must be a positive integer"),
+    (["generate", "hi", "--steps", "-1"], "max_denoising_steps must be an integer in [1, 10000]"),
     (["generate", "hi", "--steps", "0"], "max_denoising_steps"),
     (["generate", "hi", "--t-min", "0.8", "--t-max", "0.8"], "t_max must be greater than t_min"),
     (["generate", "hi", "--t-min", "0.9", "--t-max", "0.2"], "t_max must be greater than t_min"),
