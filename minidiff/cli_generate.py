@@ -19,6 +19,7 @@ import re
 import shutil
 import sys
 import time
+import unicodedata
 
 import numpy as np
 
@@ -141,15 +142,18 @@ class Session:
         return self.tok.decode(response_ids(tokens, self.stop_ids, self.pad))
 
 
-def parse_infill(template: str, tok) -> list[int]:
-    """'text[[N]]text' -> ids with -1 for each free token."""
+def parse_infill(template: str, tok, limit: int) -> list[int]:
+    """'text[[N]]text' -> ids with -1 for each free token; at most `limit` (the context) in all."""
     out = []
     for part in re.split(r"(\[\[\d+\]\])", template):
         m = re.fullmatch(r"\[\[(\d+)\]\]", part)
+        n = int(m.group(1)) if m and len(m.group(1)) <= 12 else (limit + 1 if m else 0)
         if m:
-            out += [-1] * int(m.group(1))
+            out += [-1] * min(n, limit + 1 - len(out))
         elif part:
             out += tok.encode(part)
+        if len(out) > limit:
+            raise MinidiffError(f"--infill: the template is longer than the model's context of {limit} positions")
     if not out:
         raise MinidiffError("--infill: empty template")
     return out
@@ -160,6 +164,19 @@ def parse_infill(template: str, tok) -> list[int]:
 
 BARS = " ▁▂▃▄▅▆▇█"
 GREEN, RED, CYAN, DIM, BOLD, RESET = "\x1b[32m", "\x1b[31m", "\x1b[36m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
+
+
+def for_terminal(text: str, keep_lines: bool = True) -> str:
+    """Text safe to write to a terminal: control and format characters (ESC sequences that move the cursor
+    or retitle the window, C1 controls, bidirectional overrides, lone surrogates) are shown as \\x1b /
+    \\u202e escapes instead of acting. With keep_lines, newlines and tabs stay as they are."""
+    out = []
+    for ch in text:
+        if (keep_lines and ch in "\n\t") or unicodedata.category(ch) not in ("Cc", "Cf", "Cs"):
+            out.append(ch)
+        else:
+            out.append(f"\\x{ord(ch):02x}" if ord(ch) < 256 else f"\\u{ord(ch):04x}")
+    return "".join(out)
 
 
 class LiveView:
@@ -198,7 +215,7 @@ class LiveView:
         # the draft (argmax) canvas, one piece per position, coloured by what the step did
         cells, strip = [], []
         for j in range(C):
-            piece = self.tok.piece(draft[j]).replace("\n", "↵").replace("\t", "→") or "·"
+            piece = for_terminal(self.tok.piece(draft[j]).replace("\n", "↵").replace("\t", "→"), False) or "·"
             level = min(len(BARS) - 1, int(round(float(H[j]) / self.logV * (len(BARS) - 1))))
             bar = BARS[level] if float(H[j]) > 0 or level else BARS[0]
             bar = bar if bar != " " else "_"
@@ -209,8 +226,10 @@ class LiveView:
             else:
                 cells.append(self.c(DIM + RED, piece)); strip.append(self.c(DIM + RED, bar))
         lines = [self.c(BOLD, head)]
-        lines += _wrap_cells(self.committed.splitlines()[-3:] if self.committed else [], width, plain=True)
-        lines += _wrap_cells(cells, width, plain=False, visible=[len(self.tok.piece(d)) or 1 for d in draft])
+        committed = [for_terminal(line, False) for line in self.committed.splitlines()[-3:]]
+        lines += _wrap_cells(committed, width, plain=True)
+        lines += _wrap_cells(cells, width, plain=False, visible=[
+            len(for_terminal(self.tok.piece(d).replace("\n", "↵").replace("\t", "→"), False)) or 1 for d in draft])
         lines += _wrap_cells(strip, width, plain=False, visible=[1] * C)
         legend = (self.c(GREEN, "accepted") + "  " + self.c(DIM + RED, "renoised") + "  " + self.c(CYAN, "held")
                   + "  entropy " + BARS[1:] + f" (0..{self.logV:.1f})")
@@ -300,13 +319,26 @@ def _stats_line(result) -> str:
 
 def _reply_text(session, text: str, args) -> str:
     from .chat import format_reply
-    return format_reply(text, show_thoughts=args.show_thoughts)
+    return _shown(format_reply(text, show_thoughts=args.show_thoughts))
+
+
+def _shown(text: str) -> str:
+    """What goes to stdout: as generated for a pipe or a file, escaped for a terminal (`for_terminal`)."""
+    return for_terminal(text) if _tty(sys.stdout) else text
+
+
+def _tty(stream) -> bool:
+    """Whether a standard stream is an open terminal (a closed one is None, or raises)."""
+    try:
+        return stream is not None and stream.isatty()
+    except (ValueError, OSError):
+        return False
 
 
 def run_generate(args) -> int:
     prompt = args.prompt
     if prompt is None:
-        if sys.stdin is None or sys.stdin.isatty():
+        if _tty(sys.stdin) or sys.stdin is None:
             raise MinidiffError("empty prompt: give PROMPT or pipe text on stdin")
         prompt = sys.stdin.read()
     if not prompt.strip() and not args.infill:
@@ -321,8 +353,9 @@ def run_generate(args) -> int:
             raise MinidiffError("--system and --think need the chat format (the model has no chat template)"
                                 if args.format != "raw" else "--system and --think need --chat, not --raw")
         ids = session.prompt_ids(raw=prompt)
-    infill = parse_infill(args.infill, session.tok) if args.infill else None
-    live = args.live if args.live is not None else sys.stdout.isatty()
+    infill = parse_infill(args.infill, session.tok, session.model.config.max_position_embeddings) \
+        if args.infill else None
+    live = args.live if args.live is not None else _tty(sys.stdout)
 
     result, text = _generate(session, ids, live, args, infill=infill)
     if result is None:                                   # Ctrl-C: what is committed, then 130
@@ -330,7 +363,7 @@ def run_generate(args) -> int:
         sys.stdout.flush()
         print("minidiff: interrupted (committed canvases printed)", file=sys.stderr)
         return 130
-    sys.stdout.write(_reply_text(session, text, args) if session.template is not None else text)
+    sys.stdout.write(_reply_text(session, text, args) if session.template is not None else _shown(text))
     sys.stdout.write("\n")
     sys.stdout.flush()
     if not args.quiet:
@@ -340,8 +373,8 @@ def run_generate(args) -> int:
 
 def run_chat(args) -> int:
     session = Session(args, want_chat=True)
-    interactive = sys.stdin.isatty()
-    live = args.live if args.live is not None else sys.stdout.isatty()
+    interactive = _tty(sys.stdin)
+    live = args.live if args.live is not None else _tty(sys.stdout)
     thinking = args.enable_thinking
     messages = [{"role": "system", "content": args.system}] if args.system else []
     if interactive:

@@ -38,6 +38,8 @@ import numpy as np
 from . import quant as Q
 from .config import read_config_json
 from .errors import MinidiffError
+from .folder import ModelFolder
+from .output import Temporaries, destination_lock, temp_path, write_file
 from .weights import DTYPES, open_checkpoint
 
 FORMATS = ("int4", "nvfp4", "nvfp4-modelopt")
@@ -206,9 +208,9 @@ class ShardWriter:
     """A safetensors file whose header is fixed up front; tensors are written in any order into a
     pre-sized `NAME.partial`, which `close()` renames to NAME once every tensor is in."""
 
-    def __init__(self, path: Path, entries):
+    def __init__(self, path: Path, entries, tmp: Path | None = None):
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".partial")
+        self.tmp = Path(tmp) if tmp is not None else temp_path(self.path)
         # safetensors' own order: larger itemsize first (keeps every tensor aligned), then by name
         order = sorted(entries, key=lambda t: (-np.dtype(DTYPES[t[1]]).itemsize, t[0]))
         header, off = {"__metadata__": {"format": "pt"}}, 0
@@ -241,14 +243,16 @@ class ShardWriter:
             self.f.write(memoryview(flat[i:i + step]))
         self.written.add(name)
 
-    def close(self):
+    def close(self, rename: bool = True):
+        """Finish the file; rename it to its final name unless the caller does (rename=False)."""
         missing = set(self.slots) - self.written
         if missing:
             raise AssertionError(f"{self.path.name}: tensors never written: {sorted(missing)[:3]}")
         self.f.flush()
         os.fsync(self.f.fileno())
         self.f.close()
-        os.replace(self.tmp, self.path)
+        if rename:
+            os.replace(self.tmp, self.path)
 
     def abort(self):
         try:
@@ -257,13 +261,7 @@ class ShardWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-def _atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,6 +320,8 @@ def _as_float32(ckpt, name: str, rows=None, expert=None) -> np.ndarray:
 
 
 def _write_module(w: ShardWriter, module: str, W: np.ndarray, g: int, fmt: str, scale_dtype: str):
+    if not np.isfinite(W).all():
+        raise MinidiffError(f"{module}: the weight holds NaN or infinite values; refusing to quantize it")
     out, n = W.shape
     if fmt == "int4":
         scale = Q.int4_scales(W, g, scale_dtype)                       # float32 [out, n/g]
@@ -421,6 +421,28 @@ def quantization_config(group: dict, fmt: str, scope: str) -> dict:
 # ------------------------------------------------------------------------------------------------
 # the whole conversion
 
+def _support_files(source: ModelFolder, prog) -> list[tuple[Path, Path]]:
+    """(relative path, resolved path) of the files to copy from SRC as they are. Links that leave SRC and
+    anything that is not a regular file (a pipe, a device) are skipped with a note, never followed."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(source.root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and not os.path.islink(os.path.join(dirpath, d)))
+        for fn in sorted(filenames):
+            rel = Path(os.path.relpath(os.path.join(dirpath, fn), source.root))
+            if fn.startswith(".") or rel.suffix == ".safetensors" or rel.as_posix() in SUPPORT_SKIP \
+                    or fn.endswith(".partial"):
+                continue
+            try:
+                path = source.path(rel.as_posix())
+            except MinidiffError as e:
+                prog.note(f"skipped {rel}: {str(e).split(': ', 1)[-1]}")
+                continue
+            if path is not None:
+                out.append((rel, path))
+    return out
+
+
 def convert(src, dst, group_size: int = 32, scope: str = "all-linear", fmt: str = "int4",
             force: bool = False, progress: Progress | None = None) -> Path:
     """Quantize the checkpoint in `src` into `dst` (see the module docstring). Returns dst."""
@@ -432,74 +454,96 @@ def convert(src, dst, group_size: int = 32, scope: str = "all-linear", fmt: str 
         raise MinidiffError(f"--group-size {group_size}: choose 32, 64 or 128")
     if scope not in ("experts", "all-linear"):
         raise MinidiffError(f"--scope {scope!r}: choose experts or all-linear")
-    config = read_config_json(src)
-    if config.get("quantization_config") or (src / "hf_quant_config.json").exists():
+    source = ModelFolder(src)
+    config = read_config_json(source)
+    if config.get("quantization_config") or source.has("hf_quant_config.json"):
         raise MinidiffError(f"{src}: the checkpoint is already quantized; quantize needs a bf16/fp16/fp32 source")
-    if src.resolve() == dst.resolve():
+    if dst.exists() and not dst.is_dir():
+        raise MinidiffError(f"{dst}: exists and is not a folder")
+    if dst.is_dir() and source.root == dst.resolve():
         raise MinidiffError("SRC and DST are the same folder")
-    ckpt = open_checkpoint(src)
+    if dst.is_dir() and any(dst.resolve() == d or d in dst.resolve().parents for d in source.inside):
+        raise MinidiffError(f"{dst}: DST must not be inside SRC")
+    ckpt = open_checkpoint(source)
     jobs, group, notes = plan(ckpt, scope, group_size, fmt)
     if not any(g is not None for g in group.values()):
         raise MinidiffError(f"{src}: found no expert or linear weights to quantize "
                             f"(expected model.decoder.layers.N.experts.gate_up_proj, …)")
-
-    dst.mkdir(parents=True, exist_ok=True)
-    ours = [p for p in dst.iterdir() if p.name in ("config.json", "model.safetensors.index.json",
-                                                   "hf_quant_config.json") or p.suffix == ".safetensors"]
-    if ours and not force:
-        raise MinidiffError(f"{dst}: already holds a checkpoint ({ours[0].name}); pass --force to replace it")
-    for p in ours:  # config first: the folder stops looking complete before anything else goes
-        if p.name == "config.json":
-            p.unlink()
-    for p in ours:
-        p.unlink(missing_ok=True)
-
-    for n in notes:
-        prog.note(n)
     files = sorted({ckpt.file_of(n).name for n in ckpt.names()})  # source file names
-    single = not (src / "model.safetensors.index.json").is_file()
+    single = not source.has("model.safetensors.index.json")
     if single and len(files) > 1:
         raise MinidiffError(f"{src}: several .safetensors files but no model.safetensors.index.json")
-    total = sum(_nbytes(j) for js in jobs.values() for j in js)
-    prog.start(total)
-    weight_map, total_size = {}, 0
-    for i, fname in enumerate(files):
-        out_name = "model.safetensors" if single else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-        entries = [t for j in jobs.get(fname, []) for t in job_outputs(j, fmt)]
-        w = ShardWriter(dst / out_name, entries)
+    support = _support_files(source, prog)
+
+    try:
+        dst.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MinidiffError(f"{dst}: cannot create ({e.strerror})")
+    with destination_lock(dst), Temporaries() as temps:
+        ours = [p for p in dst.iterdir() if p.name in ("config.json", "model.safetensors.index.json",
+                                                       "hf_quant_config.json") or p.suffix == ".safetensors"]
+        if ours and not force:
+            raise MinidiffError(f"{dst}: already holds a checkpoint ({ours[0].name}); pass --force to replace it")
+        for n in notes:
+            prog.note(n)
+        total = sum(_nbytes(j) for js in jobs.values() for j in js)
+        prog.start(total)
+        weight_map, total_size, done = {}, 0, []        # done: (temporary, final name), renamed at the end
         try:
-            for j in jobs.get(fname, []):
-                _run_job(ckpt, j, w, fmt, prog, f"{i + 1}/{len(files)}")
-            w.close()
-        except BaseException:
-            w.abort()
-            raise
-        total_size += w.size
-        for name, _, _ in entries:
-            weight_map[name] = out_name
-        prog.advance(0, f"wrote {out_name}", f"{i + 1}/{len(files)}", force=not prog.tty)
+            for i, fname in enumerate(files):
+                out_name = "model.safetensors" if single else f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+                entries = [t for j in jobs.get(fname, []) for t in job_outputs(j, fmt)]
+                w = ShardWriter(dst / out_name, entries, tmp=temps.new(dst / out_name))
+                try:
+                    for j in jobs.get(fname, []):
+                        _run_job(ckpt, j, w, fmt, prog, f"{i + 1}/{len(files)}")
+                    w.close(rename=False)
+                except BaseException:
+                    w.f.close()
+                    raise
+                done.append((w.tmp, dst / out_name))
+                total_size += w.size
+                for name, _, _ in entries:
+                    weight_map[name] = out_name
+                prog.advance(0, f"wrote {out_name}", f"{i + 1}/{len(files)}", force=not prog.tty)
 
-    # support files (tokenizer, chat template, generation config, …), subfolders included
-    for p in sorted(src.rglob("*")):
-        rel = p.relative_to(src)
-        if not p.is_file() or p.suffix == ".safetensors" or rel.as_posix() in SUPPORT_SKIP \
-                or any(part.startswith(".") for part in rel.parts) or p.name.endswith(".partial"):
-            continue
-        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-        tmp = (dst / rel).with_name(p.name + ".partial")
-        shutil.copyfile(p, tmp)
-        os.replace(tmp, dst / rel)
-
-    qcfg = quantization_config(group, fmt, scope)
-    if not single:
-        _atomic_write_text(dst / "model.safetensors.index.json", json.dumps(
-            {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
-    if fmt == "nvfp4-modelopt":
-        hf = {"producer": {"name": "minidiff", "version": "0.1.0"},
-              "quantization": {k: v for k, v in qcfg.items() if k not in ("quant_method", "producer")}}
-        _atomic_write_text(dst / "hf_quant_config.json", json.dumps(hf, indent=2) + "\n")
-    config["quantization_config"] = qcfg
-    _atomic_write_text(dst / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+            # support files (tokenizer, chat template, generation config, …), subfolders included
+            for rel, path in support:
+                (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                tmp = temps.new(dst / rel)
+                shutil.copyfile(path, tmp)
+                done.append((tmp, dst / rel))
+            qcfg = quantization_config(group, fmt, scope)
+            texts = []
+            if not single:
+                texts.append(("model.safetensors.index.json", json.dumps(
+                    {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))},
+                    indent=2) + "\n"))
+            if fmt == "nvfp4-modelopt":
+                hf = {"producer": {"name": "minidiff", "version": "0.1.0"},
+                      "quantization": {k: v for k, v in qcfg.items() if k not in ("quant_method", "producer")}}
+                texts.append(("hf_quant_config.json", json.dumps(hf, indent=2) + "\n"))
+            config["quantization_config"] = qcfg
+            for name, text in texts:
+                tmp = temps.new(dst / name)
+                write_file(tmp, text)
+                done.append((tmp, dst / name))
+            cfg_tmp = temps.new(dst / "config.json")
+            write_file(cfg_tmp, json.dumps(config, indent=2, sort_keys=True) + "\n")
+        except OSError as e:
+            raise MinidiffError(f"{dst}: cannot write ({e.strerror or e}); nothing in it was replaced")
+        # everything is written: only now does the old checkpoint go, config.json first (the folder stops
+        # looking complete), then the new files are renamed into place, config.json last
+        finals = {final for _, final in done} | {dst / "config.json"}
+        stale = [p for p in dst.iterdir() if p.name.startswith(".") and p.name.endswith(".partial")
+                 and p not in temps.pending]              # temporaries of runs that died (we hold the lock)
+        for p in sorted(ours, key=lambda p: p.name != "config.json") + stale:
+            if p not in finals:
+                p.unlink(missing_ok=True)
+        (dst / "config.json").unlink(missing_ok=True)
+        for tmp, final in done:
+            temps.commit(tmp, final)
+        temps.commit(cfg_tmp, dst / "config.json")
     prog.note(f"done: {dst} ({total_size / 1e9:.2f} GB of tensors from {total / 1e9:.2f} GB, "
               f"{time.monotonic() - prog.t0:.0f} s)")
     return dst

@@ -22,6 +22,7 @@ import numpy as np
 from .backend import to_numpy
 from .cli import int_list
 from .errors import MinidiffError
+from .output import Temporaries, check_output_file, io_error
 from .model import rms_norm
 
 
@@ -54,6 +55,18 @@ def add_arguments(p):
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
 
 
+def _refuse_model_file(out: Path, folder) -> None:
+    """--out must not replace a file of the model it reads (its weights, its config, …)."""
+    if not out.exists() or folder is None:
+        return
+    for entry in os.scandir(folder):
+        try:
+            if os.path.samefile(entry.path, out):
+                raise MinidiffError(f"--out {out}: is {entry.name} of the model being traced; choose another file")
+        except OSError:
+            continue
+
+
 def run(args) -> int:
     import minidiff
     from safetensors.numpy import save_file
@@ -62,17 +75,22 @@ def run(args) -> int:
     T = args.self_conditioning_temperature
     if T is not None and not (np.isfinite(T) and T > 0):
         raise MinidiffError(f"--self-conditioning-temperature must be > 0, got {T}")
+    out = check_output_file(Path(args.out), "--out")
     model = minidiff.load(args.model, device=args.device)
+    _refuse_model_file(out, model.folder)
     tensors = trace(model, prompt, canvas, T)
     meta = {"minidiff_version": minidiff.__version__, "model": str(model.folder),
             "self_conditioning_temperature": "" if T is None else repr(T),
             "schema": "docs/trace.md"}
-    out = Path(args.out)
-    if out.parent and not out.parent.exists():
-        raise MinidiffError(f"--out: folder {out.parent} does not exist")
-    tmp = out.with_name(out.name + ".partial")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, out)
+    with Temporaries() as temps:
+        tmp = temps.new(out)
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+        except OSError as e:
+            raise io_error(out, e)
+        except Exception as e:   # safetensors reports I/O failures (a full disk) as its own error type
+            raise MinidiffError(f"{out}: cannot write ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})")
+        temps.commit(tmp, out)
     summary = {k: list(v.shape) for k, v in tensors.items()}
     print(json.dumps({"wrote": str(out), "tensors": summary}), file=sys.stdout)
     return 0

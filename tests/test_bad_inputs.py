@@ -16,10 +16,11 @@ GOLDEN = Path(__file__).parent / "golden" / "tiny"
 EXPERTS = "model.decoder.layers.0.experts.gate_up_proj"
 
 
-def run_trace(folder, prompt="2,5,9", canvas="1,2,3"):
+def run_trace(folder, prompt="2,5,9", canvas="1,2,3", out=None):
     """`minidiff trace` in a fresh process -> (exit code, stderr)."""
+    out = out or Path(folder) / "trace.safetensors"
     p = subprocess.run([sys.executable, "-m", "minidiff.cli", "trace", str(folder), "--prompt-ids", prompt,
-                        "--canvas-ids", canvas, "--out", str(Path(folder) / "trace.safetensors")],
+                        "--canvas-ids", canvas, "--out", str(out)],
                        capture_output=True, text=True, timeout=120)
     return p.returncode, p.stderr
 
@@ -161,7 +162,7 @@ def test_canvas_ids_out_of_vocabulary(model_dir):
 
 def test_bad_cli_values(model_dir):
     assert_one_line_error(*run_trace(model_dir, prompt="2,x,9"), "--prompt-ids")
-    assert_one_line_error(*run_trace(model_dir / "nope"), "not a model folder")
+    assert_one_line_error(*run_trace(model_dir / "nope", out=model_dir / "t.safetensors"), "not a model folder")
 
 
 def test_prompt_longer_than_context(model_dir):
