@@ -11,6 +11,7 @@ import importlib
 import os
 import signal
 import sys
+import warnings
 
 from .errors import MinidiffError
 
@@ -56,12 +57,14 @@ def _on_signal(signum, frame):
     raise KeyboardInterrupt
 
 
-def _check_text(values, what):
-    for v in values:
-        try:
-            v.encode("utf-8")
-        except UnicodeEncodeError:
-            raise MinidiffError(f"{what} {v.encode('utf-8', 'surrogateescape')[:40]!r}… is not valid UTF-8")
+def utf8_text(text: str, what: str) -> str:
+    """`text` as read from argv or stdin, which Python decodes with lone surrogates for invalid UTF-8
+    bytes: those are an error here, not a crash in the tokenizer later."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise MinidiffError(f"{what} is not valid UTF-8 (at character {e.start})")
+    return text
 
 
 def _quiet_stdout():
@@ -75,12 +78,15 @@ def _quiet_stdout():
 
 
 def main(argv=None) -> int:
+    # floating-point warnings would be stray stderr lines: non-finite results are checked where they matter
+    warnings.simplefilter("ignore", RuntimeWarning)
     try:
         for sig in ("SIGTERM", "SIGHUP"):
             if hasattr(signal, sig):
                 signal.signal(getattr(signal, sig), _on_signal)
         argv = sys.argv[1:] if argv is None else list(argv)
-        _check_text(argv, "argument")
+        for i, a in enumerate(argv):
+            utf8_text(a, f"argument {i + 1}")
         selected = next((a for a in argv if not a.startswith("-")), None)
         parser = build_parser(selected if selected in COMMANDS else None)
         args = parser.parse_args(argv)

@@ -23,7 +23,7 @@ import unicodedata
 
 import numpy as np
 
-from .cli import int_list
+from .cli import int_list, utf8_text
 from .errors import MinidiffError
 
 RANDOM_NOTE = ("Without --model, the embedded tiny default model is used: a toy that memorised 30 prompts "
@@ -340,7 +340,7 @@ def run_generate(args) -> int:
     if prompt is None:
         if _tty(sys.stdin) or sys.stdin is None:
             raise MinidiffError("empty prompt: give PROMPT or pipe text on stdin")
-        prompt = sys.stdin.read()
+        prompt = utf8_text(sys.stdin.read(), "standard input")
     if not prompt.strip() and not args.infill:
         raise MinidiffError("empty prompt: give PROMPT or pipe text on stdin")
     session = Session(args, want_chat={"chat": True, "raw": False}.get(args.format))
@@ -384,7 +384,7 @@ def run_chat(args) -> int:
             print("minidiff: " + RANDOM_NOTE, file=sys.stderr)
     while True:
         try:
-            line = input("> " if interactive else "")
+            line = utf8_text(input("> " if interactive else ""), "input")
         except EOFError:
             return 0
         except KeyboardInterrupt:

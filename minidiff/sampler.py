@@ -450,7 +450,8 @@ def generate(model, prompt_ids, config: GenerationConfig | None = None, *, callb
                 if z is None:
                     xp = _xp(raw)
                     z = xp.zeros((B, C, V), dtype=xp.float32)   # tempered logits, reused by every step
-                z[b] = raw if T is None else raw / T
+                with np.errstate(over="ignore"):
+                    z[b] = raw if T is None else raw / T
                 if T is not None and not bool(xp.isfinite(z[b]).all()):
                     raise MinidiffError(f"temperature {float(T):.3g} is too small: logits / T overflow float32 "
                                         "(raise t_min / t_max)")
