@@ -9,6 +9,7 @@ the sampler's passes over the 262,144-entry vocabulary, the softcap) is split in
 """
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -71,10 +72,14 @@ def parallel(fn, items) -> list:
     global _POOL
     items = list(items)
     n = num_threads()
-    if n == 1 or len(items) < 2:
+    # serial when there is nothing to share, or when called from one of the pool's own threads (a task
+    # waiting for tasks queued behind it in the same pool would wait forever)
+    if n == 1 or len(items) < 2 or threading.current_thread().name.startswith("minidiff-pool"):
         return [fn(it) for it in items]
     if _POOL is None or _POOL._max_workers != n:
-        _POOL = ThreadPoolExecutor(n, thread_name_prefix="minidiff")
+        if _POOL is not None:
+            _POOL.shutdown(wait=False)
+        _POOL = ThreadPoolExecutor(n, thread_name_prefix="minidiff-pool")
     return list(_POOL.map(fn, items))
 
 

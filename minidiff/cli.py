@@ -77,7 +77,22 @@ def _quiet_stdout():
         pass
 
 
+class _ClosedStream:
+    """Stands in for a standard stream the shell closed (`>&-`): writing to it is an error line."""
+
+    def write(self, text):
+        raise OSError(errno.EBADF, "standard output is closed")
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return False
+
+
 def main(argv=None) -> int:
+    if sys.stdout is None:
+        sys.stdout = _ClosedStream()
     # floating-point warnings would be stray stderr lines: non-finite results are checked where they matter
     warnings.simplefilter("ignore", RuntimeWarning)
     try:
@@ -111,7 +126,7 @@ def main(argv=None) -> int:
         return _fail("out of memory")
     except OSError as e:                         # disk full, permission denied, a path that is a folder, …
         _quiet_stdout()
-        name = e.filename if e.filename is not None else ("standard output" if e.errno == errno.ENOSPC else "")
+        name = e.filename if e.filename is not None else ("standard output" if e.errno in (errno.ENOSPC, errno.EFBIG) else "")
         return _fail(f"{name}: {e.strerror or e}" if name else f"{e.strerror or e}")
 
 

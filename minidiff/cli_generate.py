@@ -372,6 +372,8 @@ def run_generate(args) -> int:
 
 
 def run_chat(args) -> int:
+    if sys.stdin is None:
+        raise MinidiffError("chat reads its turns from standard input, which is closed")
     session = Session(args, want_chat=True)
     interactive = _tty(sys.stdin)
     live = args.live if args.live is not None else _tty(sys.stdout)

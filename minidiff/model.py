@@ -254,6 +254,10 @@ class KVCache:
 class Model:
     """DiffusionGemma text path. Build with `minidiff.load(...)`."""
 
+    # encoder tokens per pass: a longer prompt is encoded in pieces of this many (the same result, as
+    # attention is causal), so the activations of one piece, not of the whole prompt, set the memory
+    prefill_chunk = 4096
+
     def __init__(self, cfg: ModelConfig, weights: dict, folder=None, xp=np):
         self.config, self.folder, self.xp = cfg, folder, xp
         self.embed_scale = float(np.float32(cfg.hidden_size ** 0.5))   # fp32 buffer in an fp32 model (§6.1)
@@ -354,6 +358,13 @@ class Model:
         cache = cache or self.empty_cache()
         self._check_length(cache.length, ids.shape[0], "encode")
         T = ids.shape[0]
+        if T > self.prefill_chunk:   # a long prompt in pieces: each sees the cache of those before it
+            hidden = []
+            for s in range(0, T, self.prefill_chunk):
+                out = self.encode(ids[s:s + self.prefill_chunk], cache, return_hidden)
+                cache = out[0] if return_hidden else out
+                hidden += [out[1]] if return_hidden else []
+            return (cache, xp.concatenate(hidden, axis=1)) if return_hidden else cache
         positions = xp.arange(cache.length, cache.length + T)
         h = self.embed(ids)
         keys, values, hidden = [], [], []

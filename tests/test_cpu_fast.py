@@ -166,3 +166,20 @@ def test_attention_flushes_only_what_is_below_the_smallest_normal(threads):
     x = np.array([[0.0, -86.9, -87.5, -200.0, -np.inf]], np.float32)
     e = softmax(np, x, flush_subnormal=True)[0]
     assert e[2] == e[3] == e[4] == 0.0 and e[1] > 0 and np.all(e[e > 0] >= np.finfo(np.float32).tiny)
+
+
+def test_a_long_prompt_encoded_in_pieces_equals_one_pass():
+    import minidiff
+    from pathlib import Path
+    m = minidiff.load(Path(__file__).parent / "golden" / "tiny")
+    ids = np.random.default_rng(6).integers(0, m.config.vocab_size, 23)
+    whole, hw = m.encode(ids, return_hidden=True)
+    m.prefill_chunk = 5                                   # pieces of 5: sliding windows span pieces
+    parts, hp = m.encode(ids, return_hidden=True)
+    assert parts.length == whole.length == 23
+    np.testing.assert_allclose(hp, hw, rtol=1e-5, atol=1e-5)
+    for a, b in zip(parts.keys + parts.values, whole.keys + whole.values):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    canvas = np.arange(8) % m.config.vocab_size
+    np.testing.assert_allclose(m.denoise(canvas, parts), m.denoise(canvas, whole), rtol=1e-4, atol=1e-4)

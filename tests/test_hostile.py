@@ -312,6 +312,15 @@ def test_a_full_disk_is_one_line():
     one_line(code, err, "No space left")
 
 
+def test_closed_standard_streams():
+    code, _, err, _ = cli("generate", "hello", stdout=subprocess.DEVNULL, preexec=lambda: os.close(1))
+    one_line(code, err, "standard output is closed")
+    code, _, err, _ = cli("chat", preexec=lambda: os.close(0))
+    one_line(code, err, "standard input")
+    code, _, err, _ = cli("generate", preexec=lambda: os.close(0))
+    one_line(code, err, "empty prompt")
+
+
 def test_output_paths_that_cannot_be_written(model, tmp_path):
     one_line(*_ce(trace(model, out=tmp_path)), "is a folder")
     (tmp_path / "file").write_text("x")
