@@ -41,7 +41,9 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser(selected: str | None = None) -> argparse.ArgumentParser:
     """The parser; only the selected subcommand's module is imported (fast start, isolated failures)."""
+    from . import __version__
     parser = _Parser(prog="minidiff", description="DiffusionGemma block-diffusion LM in NumPy/CuPy")
+    parser.add_argument("--version", action="version", version=f"minidiff {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

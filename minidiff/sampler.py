@@ -376,6 +376,9 @@ def generate(model, prompt_ids, config: GenerationConfig | None = None, *, callb
     V, C, N = int(mc.vocab_size), int(mc.canvas_length), cfg.max_denoising_steps
     eos_ids = cfg.eos_token_id if cfg.eos_token_id is not None else list(getattr(mc, "eos_token_ids", []) or [])
     pad = cfg.pad_token_id if cfg.pad_token_id is not None else getattr(mc, "pad_token_id", None)
+    if pad is not None and not 0 <= pad < V:    # committed canvases are encoded: pad must be a token
+        raise MinidiffError(f"pad_token_id {pad} is outside the vocabulary [0, {V})")
+    eos_ids = [e for e in eos_ids if e < V]      # a stop id the model cannot produce never stops anything
 
     # -- prompts ------------------------------------------------------------------------------
     batched, prompts = _as_prompt_list(prompt_ids, V)

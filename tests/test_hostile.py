@@ -402,7 +402,10 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers(-2 ** 70, 2 ** 70) |
                     max_leaves=12)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = int(os.environ.get("MINIDIFF_FUZZ_EXAMPLES", "300"))   # raise for a longer fuzzing run
+
+
+@settings(max_examples=FUZZ, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(path=st.lists(st.sampled_from(["a", "b", "dtype", "shape", "data_offsets", 0, 1, "__metadata__", "format"]),
                      min_size=1, max_size=3), value=JSON, raw=st.binary(max_size=40), mode=st.integers(0, 2),
        cut=st.integers(0, 60))
@@ -431,7 +434,7 @@ def test_fuzz_safetensors_header(tmp_path, path, value, raw, mode, cut):
         pass
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=FUZZ, deadline=None)
 @given(where=st.sampled_from(["root", "text_config", "rope", "per_layer"]), key=st.sampled_from([
     "num_hidden_layers", "hidden_size", "head_dim", "num_attention_heads", "num_key_value_heads", "vocab_size",
     "layer_types", "rope_parameters", "rope_theta", "rope_type", "partial_rotary_factor", "per_layer_config",
@@ -448,3 +451,29 @@ def test_fuzz_config_parser(where, key, value):
         parse_config(cfg)
     except MinidiffError:
         pass
+
+
+@settings(max_examples=FUZZ, deadline=None)
+@given(key=st.sampled_from(["max_new_tokens", "max_length", "max_denoising_steps", "entropy_bound", "t_min",
+                            "t_max", "stability_threshold", "confidence_threshold", "eos_token_id", "pad_token_id",
+                            "seed", "greedy", "self_conditioning_dtype", "sampler_config"]), value=JSON)
+def test_fuzz_generation_config(key, value):
+    """Any value in generation_config.json is accepted as valid or refused with one MinidiffError, and what is
+    accepted runs: a generation on the default model with it ends normally or with a MinidiffError."""
+    try:
+        c = GenerationConfig.from_dict({key: value, "max_denoising_steps": 2}
+                                       if key != "max_denoising_steps" else {key: value})
+    except MinidiffError:
+        return
+    if c.max_denoising_steps > 4 or (c.max_new_tokens or 0) > 64:
+        return                                            # valid but slow: not run here
+    try:
+        _DEFAULT_MODEL().generate([2, 5], config=c)
+    except MinidiffError:
+        pass
+
+
+def _DEFAULT_MODEL(cache={}):
+    if "m" not in cache:
+        cache["m"] = minidiff.load(None)
+    return cache["m"]
