@@ -82,13 +82,23 @@ def edit_config(folder, fn):
 # ---------------------------------------------------------------- nothing outside the folder
 
 
-@pytest.mark.parametrize("target", ["../private.key", "{secret}", "sub/../../private.key"])
+@pytest.mark.parametrize("target", ["../private.key", "{secret}", "sub/../../private.key",
+                                    "sub/../model.safetensors"])   # '..' is refused even when it stays inside
 def test_index_naming_a_file_outside_is_refused(model, secret, target):
     target = target.format(secret=secret)
     names = open_checkpoint(model).names()
     (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: target for n in names}}))
     code, _, err, _ = trace(model)
-    one_line(code, err, "model.safetensors.index.json")
+    one_line(code, err, "model.safetensors.index.json", "file")
+
+
+@pytest.mark.parametrize("name", ["../x", "a/../../x", "a/../x", "/etc/passwd", "\\\\server\\x", "c:x", "a\x00b", ""])
+def test_folder_names_are_plain_relative_names(name):
+    """`plain_name`, the rule every name taken from a folder's own files passes: relative, no '..' at all."""
+    from minidiff.folder import plain_name
+    with pytest.raises(MinidiffError):
+        plain_name(name, "index")
+    assert plain_name("sub/model-00001-of-00002.safetensors", "index")
 
 
 def test_a_shard_linking_outside_the_folder_is_refused(model, secret):
@@ -182,7 +192,7 @@ def test_chat_templates_are_bounded_in_time_memory_and_output(source, needle):
 def test_a_regex_that_backtracks_is_refused(tmp_path):
     with pytest.raises(MinidiffError, match="exponential"):
         Q._ct_scheme({"config_groups": {"g": {"targets": ["Linear"]}}, "ignore": ["re:(a+)+$"]},
-                     "a" * 40 + "!", "x", "config.json")
+                     "a" * 22 + "!", "x", "config.json")   # (unchecked, this match alone takes ~1 s)
 
 
 def test_infill_with_a_huge_gap_is_refused():

@@ -112,6 +112,77 @@ def test_acceptance_equals_torch_rule():
         assert (S.entropy_bound_accept(H, bound) == ref).all()
 
 
+def exact_rule(H, bound):
+    """The acceptance rule written out element by element, independently of entropy_bound_accept: sort
+    ascending (stable); the r-th smallest is accepted iff (float32 of the float64 running sum through r)
+    minus its own entropy, in float32, is <= the float32 bound."""
+    H = [np.float32(h) for h in H]
+    order = sorted(range(len(H)), key=lambda i: (H[i], i))
+    acc, run = [False] * len(H), 0.0
+    for i in order:
+        run += float(H[i])
+        acc[i] = bool(np.float32(np.float32(run) - H[i]) <= np.float32(bound))
+    return acc
+
+
+def test_acceptance_at_the_boundary_is_inclusive():
+    """An exclusive sum exactly equal to the bound is accepted (<=, not <): where the rule is defined."""
+    assert S.entropy_bound_accept(np.array([[0.1, 0.1]], np.float32), 0.1)[0].tolist() == [True, True]
+    # float32 rounding decides near the bound: 0.05 + 0.05 + 0.05 leaves an exclusive sum just above 0.1
+    assert S.entropy_bound_accept(np.array([[0.05, 0.05, 0.05]], np.float32), 0.1)[0].tolist() == \
+        exact_rule([0.05, 0.05, 0.05], 0.1) == [True, True, False]
+
+
+@SETTINGS
+@given(entropies, st.integers(0, 30))
+def test_acceptance_equals_the_exact_rule_on_its_boundary(H, r):
+    """The bound set to one of the exclusive sums exactly (as float32): boundary cases, never skipped."""
+    Hf = np.asarray(H, np.float32)
+    s = np.sort(Hf, kind="stable")
+    excl = (np.cumsum(s.astype(np.float64)).astype(np.float32) - s)
+    bound = float(excl[r % len(H)])
+    if not bound > 0:
+        return
+    assert S.entropy_bound_accept(Hf[None], bound)[0].tolist() == exact_rule(Hf, bound)
+
+
+def test_done_rows_keep_their_canvas_where_not_accepted():
+    """A row that met the stop rule while some of its positions were NOT accepted (a small entropy bound, a
+    generous confidence threshold) keeps its canvas as it was: no renoising after done."""
+    C, N = 6, 6
+
+    def fn(canvas, cache, sc, m):
+        if cache.tokens[0] == 3:                                            # confident, but not certain
+            return peaked(lambda c: np.arange(C) + 10, height=6.0)(canvas, cache, sc, m)
+        return random_logits(cache.length)(canvas, cache, sc, m)
+    m = MockModel(40, C, fn, eos=[99])
+    res, steps, _ = run(m, [[3], [4]], max_new_tokens=C, max_denoising_steps=N, stability_threshold=0,
+                        confidence_threshold=1.0, entropy_bound=1e-6)
+    done_at = next(e.step for e in steps if e.done[0])
+    assert done_at < N - 1
+    at = [e for e in steps if e.step == done_at][0]
+    assert not at.accepted[0].all()                                         # the case the rule is about
+    for e in steps:
+        if e.step > done_at:
+            assert (e.canvas[0] == at.next_canvas[0]).all() and (e.next_canvas[0] == e.canvas[0]).all()
+
+
+def test_inverse_cdf_sums_in_float64_on_the_boundaries():
+    """Uniforms placed on the sequential float64 CDF's steps: a float32 running sum (or any other order)
+    lands on the other side of some of them."""
+    rng = np.random.default_rng(11)
+    V = 3000
+    p = (rng.random((64, V)) ** 8).astype(np.float32)
+    p /= p.sum(axis=1, keepdims=True)
+    cdf = np.cumsum(p.astype(np.float64), axis=1)                          # sequential, float64
+    j = rng.integers(1, V, 64)
+    u = cdf[np.arange(64), j - 1] / cdf[:, -1]                              # on a step of the CDF
+    want = np.minimum((cdf <= (u * cdf[:, -1])[:, None]).sum(axis=1), V - 1)
+    assert (S.sample_inverse_cdf(p, u) == want).all()
+    f32 = np.cumsum(p, axis=1, dtype=np.float32)
+    assert ((f32 <= (u * cdf[:, -1])[:, None]).sum(axis=1) != want).any()   # the test can tell the two apart
+
+
 def broken_inclusive(H, bound):                       # accepts on the INCLUSIVE sum: a classic slip
     xp = np
     order = xp.argsort(H, axis=-1, kind="stable")

@@ -1,0 +1,294 @@
+"""Mutation testing: would the test suite notice a plausible bug? Each mutant is one small textual patch to
+`minidiff/` (a bug someone could really write: a window off by one, RMSNorm with 1 + w, the nibble order
+reversed, the acceptance rule with < instead of <=, ...). For each, a scratch copy of the repository gets
+the patch, the tests that should catch it run there, and the mutant is *killed* if they fail. A mutant
+that survives means a class of bugs the tests cannot see: the run fails.
+
+    python tools/mutants.py                 # every mutant, with torch if it is installed
+    python tools/mutants.py --no-torch      # as on a machine without torch (oracle tests skip)
+    python tools/mutants.py -k router -v    # the mutants whose name contains "router", test output shown
+
+How to add one (docs/mutation.md): when you add a feature, add the bugs it could have to MUTANTS below:
+a name, the bug class, the file, the exact text to find (it must occur once) and its replacement, and the
+tests that should catch it. Run this tool: a survivor means the feature needs a better test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FORWARD = ["tests/test_golden.py", "tests/test_ops.py", "tests/test_cpu_fast.py", "tests/test_model_oracle.py"]
+SAMPLER = ["tests/test_sampler.py", "tests/test_sampler_mocks.py", "tests/test_golden_trajectory.py",
+           "tests/test_generate_oracle.py"]
+FORMATS = ["tests/test_quant.py", "tests/test_cpu_fast.py", "tests/test_quant_ct.py"]
+SAFETY = ["tests/test_hostile.py", "tests/test_bad_inputs.py", "tests/test_loader.py"]
+CLI = ["tests/test_cli_generate.py", "tests/test_hostile.py"]
+
+
+@dataclass
+class Mutant:
+    name: str
+    kind: str          # the bug class it stands for
+    file: str
+    find: str
+    replace: str
+    tests: list
+
+
+M = Mutant
+MUTANTS = [
+    # ---------------------------------------------------------------- the forward pass
+    M("rmsnorm-one-plus-w", "norm: Gemma 2/3's (1 + w) instead of Gemma 4's w", "minidiff/model.py",
+      "        y *= w\n", "        y *= 1 + w\n", FORWARD),
+    M("gelu-constant", "activation: wrong GELU-tanh constant", "minidiff/model.py",
+      "    y *= 0.044715\n", "    y *= 0.04715\n", FORWARD),
+    M("rope-rotate-half-sign", "RoPE: rotate_half with the wrong sign", "minidiff/model.py",
+      "xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)", "xp.concatenate([x[..., half:], -x[..., :half]], axis=-1)",
+      FORWARD),
+    M("canvas-position-off-by-one", "positions: the canvas starts one position late", "minidiff/model.py",
+      "positions = xp.arange(cache.length, cache.length + C)", "positions = xp.arange(cache.length + 1, cache.length + C + 1)",
+      FORWARD),
+    M("attention-scaled", "attention: 1/sqrt(d) scaling (Gemma 4 uses 1.0)", "minidiff/model.py",
+      "scores = (qg @ kt).reshape(nkv, rep, T, -1)", "scores = (qg @ kt * hd ** -0.5).reshape(nkv, rep, T, -1)",
+      FORWARD),
+    M("window-off-by-one", "mask: sliding window one key too wide", "minidiff/model.py",
+      "mask &= kp[None, :] > qp[:, None] - window", "mask &= kp[None, :] >= qp[:, None] - window", FORWARD),
+    M("causal-excludes-self", "mask: a query does not see itself", "minidiff/model.py",
+      "mask = kp[None, :] <= qp[:, None]", "mask = kp[None, :] < qp[:, None]", FORWARD),
+    M("sliding-cache-keeps-w", "cache: sliding layers keep W positions instead of W - 1", "minidiff/model.py",
+      "keep = cfg.sliding_window - 1", "keep = cfg.sliding_window", FORWARD),
+    M("router-no-renormalise", "router: top-k weights not renormalised", "minidiff/model.py",
+      "    top = top / top.sum(axis=-1, keepdims=True)\n", "    top = top\n", FORWARD),
+    M("router-no-h-scale", "router: the H^-1/2 factor dropped", "minidiff/model.py",
+      '* w["router.scale"] * cfg.hidden_size ** -0.5', '* w["router.scale"]', FORWARD),
+    M("router-no-per-expert-scale", "router: per_expert_scale dropped", "minidiff/model.py",
+      'return idx, top * w["router.per_expert_scale"][idx]', "return idx, top", FORWARD),
+    M("router-reads-normed", "router: reads the normed input, not the raw residual", "minidiff/model.py",
+      "idx, weight = route(xp, res, w, cfg)",
+      'idx, weight = route(xp, rms_norm(xp, res, w["pre_feedforward_layernorm_2.weight"], eps), w, cfg)', FORWARD),
+    M("experts-gate-up-swapped", "experts: up rows used as the gate", "minidiff/model.py",
+      "act = gelu_tanh(xp, gu[:, :ie]) * gu[:, ie:]", "act = gelu_tanh(xp, gu[:, ie:]) * gu[:, :ie]", FORWARD),
+    M("experts-no-routing-weight", "experts: routing weights not applied", "minidiff/model.py",
+      "    y *= weight.reshape(-1, 1)", "    y *= 1.0", FORWARD),
+    M("experts-group-start", "experts: each expert's rows start one group late", "minidiff/model.py",
+      "first = xp.cumsum(counts) - counts", "first = xp.cumsum(counts) - counts[0]", FORWARD),
+    M("layer-scalar-one-mode", "layer_scalar: the decoder's used in both modes", "minidiff/model.py",
+      'scalar = w["encoder_layer_scalar"] if mode == "encode" else w["layer_scalar"]', 'scalar = w["layer_scalar"]',
+      FORWARD),
+    M("no-softcap", "head: the final softcap dropped", "minidiff/model.py",
+      "        xp.tanh(z, out=z)\n", "        z += 0\n", FORWARD),
+    M("no-embed-scale", "embedding: sqrt(H) scale dropped", "minidiff/model.py",
+      "return take_rows(self.embed_tokens, ids) * self.embed_scale", "return take_rows(self.embed_tokens, ids)",
+      FORWARD),
+    M("denoise-no-post-norm", "denoiser: the weightless norm after the input is dropped", "minidiff/model.py",
+      "h = rms_norm(xp, x, eps=eps)                                          # post_norm", "h = x  # post_norm",
+      FORWARD),
+    M("no-v-norm", "attention: v_norm dropped", "minidiff/model.py",
+      "v = rms_norm(xp, v_raw, eps=eps)", "v = v_raw", FORWARD),
+    M("subnormal-flush-too-wide", "attention: the subnormal flush cuts real probabilities", "minidiff/model.py",
+      "eb[eb < -87.0] = -xp.inf", "eb[eb < -8.0] = -xp.inf", FORWARD),
+    M("prefill-pieces-forget-cache", "encoder: long prompts in pieces without the cache between them",
+      "minidiff/model.py", "out = self.encode(ids[s:s + self.prefill_chunk], cache, return_hidden)",
+      "out = self.encode(ids[s:s + self.prefill_chunk], None, return_hidden)", FORWARD),
+    M("bf16-buffer-shared", "weights: the bf16 fast path writes into a buffer with dirty low halves",
+      "minidiff/tensors.py", 'scratch(key + "/bf16", shape, zeroed=True)', "scratch(key, shape)", FORWARD),
+    M("head-block-overlap", "head: vocabulary blocks misplaced", "minidiff/model.py",
+      "out[:, v0:v0 + block] = x @ expand(embed_tokens, slice(v0, v0 + block)", "out[:, v0:v0 + block] = x @ expand(embed_tokens, slice(max(0, v0 - 1), max(0, v0 - 1) + block)",
+      FORWARD),
+    # ---------------------------------------------------------------- the sampler
+    M("accept-strict", "acceptance: < instead of <= at the entropy bound", "minidiff/sampler.py",
+      "keep_sorted = (c - s) <= xp.float32(bound)", "keep_sorted = (c - s) < xp.float32(bound)", SAMPLER),
+    M("accept-inclusive-sum", "acceptance: inclusive instead of exclusive prefix sum", "minidiff/sampler.py",
+      "keep_sorted = (c - s) <= xp.float32(bound)", "keep_sorted = c <= xp.float32(bound)", SAMPLER),
+    M("temperature-reversed", "temperature: schedule runs backwards", "minidiff/sampler.py",
+      "(np.float32(n) / np.float32(N))", "(np.float32(N - n + 1) / np.float32(N))", SAMPLER),
+    M("draw-order-swapped", "randomness: noise drawn before the uniforms", "minidiff/sampler.py",
+      "            u = rng.random((B, C))                          # draw 1: uniforms for the categorical sample\n"
+      "            noise = rng.integers(0, V, size=(B, C))         # draw 2: renoising ids for every position\n",
+      "            noise = rng.integers(0, V, size=(B, C))\n            u = rng.random((B, C))\n", SAMPLER),
+    M("sc-not-rounded", "self-conditioning: bf16 checkpoints' SC logits not rounded to bf16", "minidiff/sampler.py",
+      'return round_bf16 if kind == "bfloat16" else (lambda z: z)', "return (lambda z: z)", SAMPLER),
+    M("frozen-rows-move", "stopping: a finished row's canvas keeps changing", "minidiff/sampler.py",
+      "next_canvas[done] = canvas[done]", "next_canvas = next_canvas", SAMPLER),
+    M("confidence-max", "stopping: max entropy instead of mean", "minidiff/sampler.py",
+      "confident = H_eff.mean(axis=-1) < np.float32(cfg.confidence_threshold)",
+      "confident = H_eff.max(axis=-1) < np.float32(cfg.confidence_threshold)", SAMPLER),
+    M("stability-any", "stopping: stable if any earlier argmax matches", "minidiff/sampler.py",
+      "stable = (history == new_argmax[None]).all(axis=(0, 2))",
+      "stable = (history == new_argmax[None]).any(axis=(0, 2))", SAMPLER),
+    M("eos-dropped", "stop ids: the stop id itself replaced by pad", "minidiff/sampler.py",
+      "out[(seen > 0) & ~((seen == 1) & is_eos)] = pad", "out[seen > 0] = pad", SAMPLER),
+    M("commit-sample", "commit: the last sample instead of the argmax", "minidiff/sampler.py",
+      "        new = argmax.copy()\n", "        new = canvas.copy()\n", SAMPLER),
+    M("infill-not-held", "infill: held tokens not re-imposed on the next canvas", "minidiff/sampler.py",
+      "            next_canvas = np.where(held, hold, next_canvas)\n", "", SAMPLER),
+    M("passes-count-all", "reporting: frozen rows counted as forward passes", "minidiff/sampler.py",
+      "passes += ~(done | finished)", "passes += 1", SAMPLER),
+    M("bound-hard-coded", "acceptance: the configured entropy bound ignored", "minidiff/sampler.py",
+      "accepted = entropy_bound_accept(H_eff, cfg.entropy_bound)", "accepted = entropy_bound_accept(H_eff, 0.1)",
+      SAMPLER),
+    M("entropy-sign", "entropy: log-softmax without the log-sum", "minidiff/sampler.py",
+      "        d -= xp.log(s)                                    # log-softmax\n", "", SAMPLER),
+    M("cdf-float32", "sampling: the CDF accumulated in float32", "minidiff/sampler.py",
+      "cdf = pb.astype(xp.float64)", "cdf = pb.astype(xp.float32)", SAMPLER),
+    # ---------------------------------------------------------------- the formats
+    M("int4-nibbles-reversed", "int4: nibble order reversed in a word", "minidiff/quant.py",
+      "    u = np.ascontiguousarray(packed).view(np.uint32)[..., None]        # [..., words, 1]\n"
+      "    shifts = np.arange(0, 32, 4, dtype=np.uint32)\n",
+      "    u = np.ascontiguousarray(packed).view(np.uint32)[..., None]        # [..., words, 1]\n"
+      "    shifts = np.arange(28, -4, -4, dtype=np.uint32)\n", FORMATS),
+    M("int4-fast-offset", "int4: the fast path's code offset off by one", "minidiff/quant.py",
+      "        q -= INT4_OFFSET", "        q -= 7", FORMATS),
+    M("int4-fast-planes-swapped", "int4: the fast path puts the high nibble first", "minidiff/quant.py",
+      "for plane, shift in ((0, 0), (1, 4)):", "for plane, shift in ((0, 4), (1, 0)):", FORMATS),
+    M("nvfp4-nibbles-swapped", "NVFP4: the even input in the high nibble", "minidiff/quant.py",
+      "np.stack([packed & 0xF, packed >> 4], axis=-1)", "np.stack([packed >> 4, packed & 0xF], axis=-1)", FORMATS),
+    M("e4m3-bias", "FP8 E4M3: exponent bias 8", "minidiff/quant.py",
+      "(1 + m / 8.0) * 2.0 ** (e - 7.0)", "(1 + m / 8.0) * 2.0 ** (e - 8.0)", FORMATS),
+    M("fp4-table", "FP4 E2M1: a wrong magnitude", "minidiff/quant.py",
+      "[0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]", "[0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 6.0]", FORMATS),
+    M("nvfp4-scale-convention", "NVFP4: compressed-tensors' global scale multiplied, not divided", "minidiff/quant.py",
+      "    s = e4m3_to_f32(scale_bits)                                                # [out, in/16]\n"
+      "    eff = s / np.float32(global_scale)",
+      "    s = e4m3_to_f32(scale_bits)                                                # [out, in/16]\n"
+      "    eff = s * np.float32(global_scale)", FORMATS),
+    M("bf16-truncate", "bf16: narrowing truncates instead of rounding to nearest even", "minidiff/tensors.py",
+      "rounded = u + xp.uint32(0x7FFF) + ((u >> 16) & xp.uint32(1))", "rounded = u", FORMATS + ["tests/test_loader.py"]),
+    # ---------------------------------------------------------------- untrusted input and the command line
+    M("path-escape", "security: links out of the folder followed", "minidiff/folder.py",
+      "if not any(real == d or d in real.parents for d in self.inside):", "if False:", SAFETY),
+    M("dotdot-names", "security: '..' in an index's file names accepted", "minidiff/folder.py",
+      'if p.is_absolute() or name.startswith(("/", "\\\\")) or ".." in p.parts', 'if p.is_absolute() or False',
+      SAFETY),
+    M("pipes-opened", "security: non-regular files opened", "minidiff/folder.py",
+      "if not stat.S_ISREG(st.st_mode):", "if False:", SAFETY),
+    M("overlap-accepted", "safetensors: overlapping tensors accepted", "minidiff/weights.py",
+      "if b1 < e0:", "if False:", SAFETY),
+    M("shape-floats", "safetensors: float shapes accepted", "minidiff/weights.py",
+      "all(type(d) is int and 0 <= d <= MAX_DIM for d in shape)", "all(0 <= d <= MAX_DIM for d in shape)", SAFETY),
+    M("config-no-upper-bound", "config: sizes without an upper bound", "minidiff/config.py",
+      'n_layers = _int(tc, "num_hidden_layers", w, hi=L["layers"])', 'n_layers = _int(tc, "num_hidden_layers", w)',
+      SAFETY),
+    M("nan-logits-pass", "garbage: NaN logits returned", "minidiff/model.py",
+      "if not bool(xp.isfinite(logits).all()):", "if False:", SAFETY),
+    M("quantize-nan", "quantize: NaN weights quantized", "minidiff/quantize.py",
+      "if not np.isfinite(W).all():", "if False:", SAFETY),
+    M("trace-overwrites-model", "trace: --out may be a file of the model", "minidiff/trace.py",
+      "if os.path.samefile(entry.path, out):", "if False:", SAFETY),
+    M("terminal-escapes-raw", "terminal: control characters written raw", "minidiff/cli_generate.py",
+      'if (keep_lines and ch in "\\n\\t") or unicodedata.category(ch) not in ("Cc", "Cf", "Cs"):', "if True:",
+      CLI),
+    M("argv-not-utf8", "CLI: invalid UTF-8 passed on to the tokenizer", "minidiff/cli.py",
+      '        text.encode("utf-8")\n', '        text.encode("utf-8", "surrogateescape")\n', CLI),
+    M("template-fallback", "chat: a broken template silently becomes a raw prompt", "minidiff/cli_generate.py",
+      "            self.template = ChatTemplate.from_folder(self.model.folder)\n",
+      "            try:\n                self.template = ChatTemplate.from_folder(self.model.folder)\n"
+      "            except MinidiffError:\n                self.template = None\n", CLI),
+    M("regex-unchecked", "security: backtracking regexes compiled as they are", "minidiff/quant.py",
+      "if len(pattern) > MAX_PATTERN or risky(sre.parse(pattern), False) or unbounded > 5:", "if False:", SAFETY
+      + ["tests/test_quant.py"]),
+]
+
+# Equivalent mutants are left out of MUTANTS on purpose; each with why no test can kill it:
+EQUIVALENT = {
+    "RoPE angles of every position shifted by one": "attention sees only relative positions: q·k is unchanged",
+    "the soft embedding not scaled by sqrt(H)": "the self-conditioning pre_norm (RMSNorm) right after cancels any "
+                                                "scale, up to eps",
+    "inverse-CDF `<` instead of `<=`": "differs only when a uniform lands exactly on a float64 CDF value",
+    "JSON parse accepting 1e400": "config.py's own finiteness check refuses the value with the same error",
+}
+
+
+def scratch_copy() -> Path:
+    d = Path(tempfile.mkdtemp(prefix="minidiff-mutants-"))
+    for part in ("minidiff", "tests", "pyproject.toml"):
+        src = ROOT / part
+        if src.is_dir():
+            shutil.copytree(src, d / part, ignore=shutil.ignore_patterns("__pycache__", ".hypothesis"))
+        else:
+            shutil.copy(src, d / part)
+    return d
+
+
+def no_torch_dir(base: Path) -> Path:
+    """A folder that, first on sys.path, makes `import torch` / `import transformers` fail: as without torch."""
+    d = base / "_no_torch"
+    d.mkdir(exist_ok=True)
+    for mod in ("torch", "transformers", "compressed_tensors"):
+        (d / f"{mod}.py").write_text("raise ImportError('torch hidden by tools/mutants.py --no-torch')\n")
+    return d
+
+
+def run_tests(work: Path, tests: list, no_torch: bool, timeout: int, verbose: bool) -> tuple[bool, float, str]:
+    tests = [t for t in tests if (work / t.split("::")[0]).exists()]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        ([str(no_torch_dir(work))] if no_torch else []) + [str(work)]), PYTHONDONTWRITEBYTECODE="1")
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+           "--hypothesis-seed=0", *tests]
+    t = time.monotonic()
+    try:
+        p = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=timeout)
+        failed, out = p.returncode not in (0, 5), p.stdout[-3000:] + p.stderr[-2000:]
+    except subprocess.TimeoutExpired:
+        failed, out = True, "timed out (counted as killed: the suite notices a hang)"
+    if verbose:
+        print(out)
+    return failed, time.monotonic() - t, out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--no-torch", action="store_true", help="hide torch/transformers: the torch-free suite")
+    ap.add_argument("-k", default="", help="only mutants whose name contains this")
+    ap.add_argument("--timeout", type=int, default=180, help="seconds per mutant (a hang counts as killed)")
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args()
+
+    chosen = [m for m in MUTANTS if args.k in m.name]
+    work = scratch_copy()
+    try:
+        ok, secs, out = run_tests(work, ["tests/test_golden.py"], args.no_torch, args.timeout, False)
+        if ok:
+            print("the unmutated suite fails: fix it before mutating\n" + out)
+            return 2
+        rows, survivors = [], []
+        for m in chosen:
+            path = work / m.file
+            original = path.read_text()
+            if original.count(m.find) != 1:
+                print(f"{m.name}: its text occurs {original.count(m.find)} times in {m.file}; fix the mutant")
+                return 2
+            path.write_text(original.replace(m.find, m.replace))
+            try:
+                killed, secs, out = run_tests(work, m.tests, args.no_torch, args.timeout, args.verbose)
+            finally:
+                path.write_text(original)
+            rows.append(dict(name=m.name, kind=m.kind, killed=killed, seconds=round(secs, 1)))
+            print(f"{'killed ' if killed else 'SURVIVED'} {secs:6.1f}s  {m.name:30s} {m.kind}", flush=True)
+            if not killed:
+                survivors.append(m.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    n = len(rows)
+    print(f"\n{n - len(survivors)} of {n} mutants killed ({'without' if args.no_torch else 'with'} torch)"
+          + (f"; survivors: {', '.join(survivors)}" if survivors else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"no_torch": args.no_torch, "mutants": rows,
+                                               "equivalent_left_out": EQUIVALENT}, indent=1))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
