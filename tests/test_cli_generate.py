@@ -101,8 +101,12 @@ def test_missing_template_falls_back_to_raw(tmp_path, capsys, monkeypatch):
     folder = tmp_path / "m"
     shutil.copytree(minidiff.loader.DEFAULT_MODEL, folder)
     (folder / "chat_template.jinja").unlink()
-    rc, out, err = run_cli(["generate", "hi", "--model", str(folder), "--steps", "2", "-q"], capsys, monkeypatch)
-    assert rc == 0
+    rc, out, err = run_cli(["generate", "hi", "--model", str(folder), "--steps", "2", "--seed", "3", "-q"],
+                           capsys, monkeypatch)
+    assert rc == 0 and err == ""
+    rc2, raw, _ = run_cli(["generate", "hi", "--model", str(folder), "--steps", "2", "--seed", "3", "-q", "--raw"],
+                          capsys, monkeypatch)
+    assert rc2 == 0 and out == raw                                          # no template: exactly the raw format
     rc, out, err = run_cli(["generate", "hi", "--model", str(folder), "--chat"], capsys, monkeypatch)
     assert rc == 2 and "no chat template" in err
 

@@ -5,6 +5,8 @@ checkpoints is in test_quantize.py.
 """
 
 import json
+import os
+import zlib
 
 import numpy as np
 import pytest
@@ -14,7 +16,16 @@ from minidiff.errors import MinidiffError
 from minidiff.quantize import ShardWriter
 from minidiff.weights import open_checkpoint
 
-RNG = np.random.default_rng(1234)
+_RNGS: dict = {}
+
+
+def rng() -> np.random.Generator:
+    """The calling test's own generator, seeded by its name: its data does not depend on which tests ran
+    before it (a module-level generator would hand each test whatever the previous ones left)."""
+    name = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]
+    if name not in _RNGS:
+        _RNGS[name] = np.random.default_rng(zlib.crc32(name.encode()))
+    return _RNGS[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -43,7 +54,7 @@ def test_pack_int4_pads_with_code_zero():
 
 @pytest.mark.parametrize("n", [8, 16, 24, 40, 256, 13, 1])
 def test_int4_round_trip(n):
-    q = RNG.integers(-8, 8, size=(3, 5, n)).astype(np.int8)
+    q = rng().integers(-8, 8, size=(3, 5, n)).astype(np.int8)
     assert np.array_equal(Q.unpack_int4(Q.pack_int4(q), n), q)
 
 
@@ -57,7 +68,7 @@ def test_pack_int4_rejects_out_of_range():
 @pytest.mark.parametrize("g", [32, 64, 128])
 @pytest.mark.parametrize("scale_dtype", ["BF16", "F16", "F32"])
 def test_int4_error_within_half_a_step(g, scale_dtype):
-    w = (RNG.standard_normal((64, 512)) * 0.02).astype(np.float32)
+    w = (rng().standard_normal((64, 512)) * 0.02).astype(np.float32)
     w[3, :g] = 0.0                                          # an all-zero group
     w[5, 7] = 0.9                                           # an outlier group
     s = Q.int4_scales(w, g, scale_dtype)
@@ -147,7 +158,7 @@ def test_nvfp4_pack_layout():
 
 @pytest.mark.parametrize("convention", ["ct", "modelopt"])
 def test_nvfp4_round_trip_and_error(convention):
-    w = (RNG.standard_normal((32, 128)) * 0.05).astype(np.float32)
+    w = (rng().standard_normal((32, 128)) * 0.05).astype(np.float32)
     gs = Q.nvfp4_global_scale(w)
     kw = dict(global_scale=gs) if convention == "ct" else dict(scale_2=np.float32(1.0) / gs)
     packed, sbits = Q.quantize_nvfp4(w, **kw)
@@ -204,7 +215,7 @@ M = "model.decoder.layers.0.self_attn.q_proj"
 
 
 def test_hook_int4_2d(tmp_path):
-    w = RNG.standard_normal((16, 64)).astype(np.float32)
+    w = rng().standard_normal((16, 64)).astype(np.float32)
     t, expect = int4_tensors(M, w, 32)
     ck = _write(tmp_path, t, ct_int4_config(32))
     q = Q.load_quantized(ck, M + ".weight", (16, 64), ct_int4_config(32))
@@ -215,8 +226,8 @@ def test_hook_int4_2d(tmp_path):
 
 def test_hook_experts_int4_and_getitem(tmp_path):
     E, I, H = 3, 8, 64
-    gate_up = RNG.standard_normal((E, 2 * I, H)).astype(np.float32)
-    down = RNG.standard_normal((E, H, 32)).astype(np.float32)
+    gate_up = rng().standard_normal((E, 2 * I, H)).astype(np.float32)
+    down = rng().standard_normal((E, H, 32)).astype(np.float32)
     tensors, exp_gu, exp_dn = {}, [], []
     base = "model.decoder.layers.2.experts"
     for e in range(E):
@@ -243,7 +254,7 @@ def test_hook_experts_int4_and_getitem(tmp_path):
 
 
 def test_hook_nvfp4_both_conventions(tmp_path):
-    w = (RNG.standard_normal((16, 64)) * 0.1).astype(np.float32)
+    w = (rng().standard_normal((16, 64)) * 0.1).astype(np.float32)
     gs = Q.nvfp4_global_scale(w)
     p, s = Q.quantize_nvfp4(w, global_scale=gs)
     ct = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
@@ -273,7 +284,7 @@ def test_hook_nvfp4_both_conventions(tmp_path):
 # bad input: a clear error naming the tensor, never silent wrong weights
 
 def _int4_ckpt(tmp_path, g_file=32, cfg=None, mutate=None):
-    w = RNG.standard_normal((16, 128)).astype(np.float32)
+    w = rng().standard_normal((16, 128)).astype(np.float32)
     t, _ = int4_tensors(M, w, g_file)
     if mutate:
         mutate(t)
@@ -349,7 +360,7 @@ def test_int4_bad_input(tmp_path, case, match):
     ("no_config", r"neither config\.json's quantization_config nor hf_quant_config\.json"),
 ])
 def test_modelopt_bad_input(tmp_path, case, match):
-    w = (RNG.standard_normal((16, 64)) * 0.1).astype(np.float32)
+    w = (rng().standard_normal((16, 64)) * 0.1).astype(np.float32)
     s2 = np.float32(np.abs(w).max() / 2688)
     p, sb = Q.quantize_nvfp4(w, scale_2=s2)
     t = {M + ".weight": (p, None), M + ".weight_scale": (sb, "F8_E4M3"),
@@ -384,7 +395,7 @@ def test_experts_missing_one_expert_is_an_error(tmp_path):
     base = "model.decoder.layers.0.experts"
     tensors = {}
     for e in (0, 2):  # expert 1 absent
-        t, _ = int4_tensors(f"{base}.{e}.down_proj", RNG.standard_normal((32, 32)).astype(np.float32), 32)
+        t, _ = int4_tensors(f"{base}.{e}.down_proj", rng().standard_normal((32, 32)).astype(np.float32), 32)
         tensors.update(t)
     cfg = ct_int4_config(32)
     ck = _write(tmp_path, tensors, cfg)
@@ -394,7 +405,7 @@ def test_experts_missing_one_expert_is_an_error(tmp_path):
 
 def test_two_groups_pick_by_regex(tmp_path):
     # group sizes per projection, as the quantizer writes them for widths 128 does not divide
-    w = RNG.standard_normal((16, 96)).astype(np.float32)
+    w = rng().standard_normal((16, 96)).astype(np.float32)
     t, expect = int4_tensors("model.decoder.layers.0.mlp.down_proj", w, 32)
     cfg = ct_int4_config(128, targets=[r"re:.*\.self_attn\.q_proj$"])
     cfg["config_groups"]["group_1"] = {"targets": [r"re:.*\.mlp\.down_proj$"],

@@ -299,6 +299,7 @@ def test_step_invariants(shape, seed, kind):                               # inv
             assert a.min() >= 0 and a.max() < V                                 # 2
         u, noise = draws[e.canvas_index][1][e.step]
         acc = e.accepted
+        assert acc.tolist() == [exact_rule(h, 0.1) for h in e.entropy]        # 3: recomputed, not trusted
         assert (e.next_canvas[acc] == e.sampled[acc]).all()                     # 4: accepted keep the sample
         assert (e.next_canvas[~acc] == noise[~acc]).all()                      # 4: the rest is the renoise draw
         if e.step == 0:
@@ -454,7 +455,14 @@ def test_greedy(shape, seed):                                               # in
 @given(st.integers(2, 9), st.integers(1, 40), st.integers(1, 3), st.integers(0, 100))
 def test_length_and_tokens_per_forward(C, max_new, B, seed):                 # invariants 13, 17
     m = MockModel(30, C, random_logits(seed), eos=[31])
-    res = S.generate(m, prompts_for(B, seed), max_new_tokens=max_new, max_denoising_steps=3, seed=seed)
+    res, steps, commits = run(m, prompts_for(B, seed), max_new_tokens=max_new, max_denoising_steps=3, seed=seed)
+    # passes recounted from the events: a row counts a step while it is neither done nor finished earlier
+    finished, passes = np.zeros(B, bool), np.zeros(B, int)
+    for k in range(len(res.steps_per_canvas)):
+        for e in (e for e in steps if e.canvas_index == k):
+            passes += e.active & ~finished
+        finished = commits[k].finished
+    assert res.passes.tolist() == passes.tolist()
     K = math.ceil(max_new / C)
     assert res.sequences.shape == (B, max(len(p) for p in prompts_for(B, seed)) + K * C)
     assert all(len(t) == K * C for t in res.tokens)
