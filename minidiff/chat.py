@@ -6,7 +6,7 @@ same options and helpers as transformers' `apply_chat_template` (trim_blocks, ls
 `raise_exception`, `strftime_now`, a `tojson` that does not HTML-escape). It emits BOS itself, so the
 rendered prompt is tokenized without adding special tokens.
 
-Gemma 4 turns look like (shared/reference/architecture.md §5):
+Gemma 4 turns look like this (the release's template writes them):
 
     <bos><|turn>system\\n<|think|>\\n...<turn|>\\n      system turn: only with thinking, tools or a system message
     <|turn>user\\n{text}<turn|>\\n

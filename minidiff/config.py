@@ -1,7 +1,7 @@
 """The model configuration: `config.json` of the release (root + `text_config`), validated.
 
 Everything the forward pass needs is resolved here once, per layer where the two attention types
-differ (head dim, KV heads, RoPE). See docs/architecture.md and shared/reference/architecture.md §1.
+differ (head dim, KV heads, RoPE). See docs/architecture.md (§1, §9).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Read top to bottom: the ops (one small function each), then one layer, then the 
 Every array op goes through `xp` (NumPy or CuPy). Shapes use
     T tokens in this call, S keys (cached + new), H hidden, V vocab, E experts, k experts per token,
     nh query heads, nkv key/value heads, hd head dim, rep = nh // nkv.
-Spec: shared/reference/architecture.md (section numbers below refer to it).
+Spec: docs/architecture.md (section numbers below refer to it).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .tensors import expand, is_stored, take_rows
 from .weights import DEC, ENC
 
 # ----------------------------------------------------------------------------------------------
-# ops (§2.1, §2.3)
+# ops (§2, §3)
 
 
 def rms_norm(xp, x, w=None, eps=1e-6):
@@ -149,7 +149,7 @@ def mlp(xp, x, gate, up, down):
 
 
 def route(xp, res, w, cfg: ModelConfig):
-    """The router (§2.2): reads the RAW residual res [T, H] -> expert ids [T, k], weights [T, k].
+    """The router (§8): reads the RAW residual res [T, H] -> expert ids [T, k], weights [T, k].
 
     no-scale RMSNorm, × learned scale × H^-1/2, project to E logits, softmax over all E, keep the top k,
     renormalise them to sum 1, then × the chosen experts' per_expert_scale.
@@ -260,7 +260,7 @@ class Model:
 
     def __init__(self, cfg: ModelConfig, weights: dict, folder=None, xp=np):
         self.config, self.folder, self.xp = cfg, folder, xp
-        self.embed_scale = float(np.float32(cfg.hidden_size ** 0.5))   # fp32 buffer in an fp32 model (§6.1)
+        self.embed_scale = float(np.float32(cfg.hidden_size ** 0.5))   # fp32 buffer in an fp32 model (§10)
         self.embed_tokens = weights[f"{DEC}.embed_tokens.weight"]      # [V, H], also the tied lm_head
         self.final_norm = weights[f"{DEC}.norm.weight"]
         self.sc = {k: weights[f"{DEC}.self_conditioning.{k}.weight"] for k in ("pre_norm", "gate_proj", "up_proj", "down_proj")}
@@ -272,7 +272,7 @@ class Model:
             self.layers.append(layer)
         self.inv_freq = [xp.asarray(layer.inv_freq) for layer in cfg.layers]
 
-    # ------------------------------------------------------------------ one layer (§2.2)
+    # ------------------------------------------------------------------ one layer (§2)
 
     def layer(self, i: int, h, positions, past_k, past_v, key_positions, mode: str, kv_only: bool = False):
         """One transformer layer. h [T, H] -> (h [T, H], k [T, nkv, hd], v [T, nkv, hd]).
@@ -346,7 +346,7 @@ class Model:
         """Scaled token embedding: E[ids] · sqrt(H)  ->  [T, H]."""
         return take_rows(self.embed_tokens, ids) * self.embed_scale
 
-    # ------------------------------------------------------------------ encoder mode (§3.1)
+    # ------------------------------------------------------------------ encoder mode (§1, §4, §5)
 
     def encode(self, ids, cache: KVCache | None = None, return_hidden: bool = False):
         """Causal pass over ids [T] at positions cache.length ... cache.length + T - 1.
@@ -385,7 +385,7 @@ class Model:
         new = KVCache(tuple(keys), tuple(values), cache.length + T)
         return (new, xp.stack(hidden)) if return_hidden else new
 
-    # ------------------------------------------------------------------ denoiser mode (§3.3)
+    # ------------------------------------------------------------------ denoiser mode (§1, §6, §7)
 
     def denoise(self, canvas_ids, cache: KVCache, self_conditioning_logits=None):
         """Bidirectional pass over the canvas [C] at positions cache.length ... cache.length + C - 1.

@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import MinidiffError
 from .folder import MAX_TOKENIZER_BYTES, ModelFolder
 
-# ids the sampler and the chat view care about (Gemma 4; shared/reference/architecture.md §5)
+# ids the sampler and the chat view care about (Gemma 4's special tokens)
 SPECIAL_NAMES = {"pad": "<pad>", "eos": "<eos>", "bos": "<bos>", "unk": "<unk>", "turn_start": "<|turn>",
                  "turn_end": "<turn|>", "channel_start": "<|channel>", "channel_end": "<channel|>",
                  "think": "<|think|>", "tool_response": "<|tool_response>"}

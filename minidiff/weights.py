@@ -221,7 +221,7 @@ ENC = "model.encoder.language_model"
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple]:
-    """Names and shapes of the text weights, as stored in the release (see architecture.md §4)."""
+    """Names and shapes of the text weights, as stored in the release (docs/architecture.md §9)."""
     H, I, E, Ie, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.moe_intermediate_size, cfg.vocab_size
     nh = cfg.num_attention_heads
     t = {

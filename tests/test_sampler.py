@@ -1,4 +1,4 @@
-"""Sampler invariants (shared/reference/sampler.md §7, 1-17) with mock denoisers of known entropy.
+"""Sampler invariants (numbered 1-17 in the comments) with mock denoisers of known entropy.
 
 Each invariant is checked by a function `check_*` that raises AssertionError when its rule is broken;
 `test_checks_catch_broken_*` run some of them against deliberately broken sampler pieces, so the checks
@@ -87,7 +87,7 @@ def test_acceptance_matches_brute_force(H, bound):
     assert (S.entropy_bound_accept(Hf[None], bound)[0] == ref_accept(Hf, bound)).all()
 
 
-def test_acceptance_spec_example():                                      # sampler.md §3.2 (run)
+def test_acceptance_spec_example():                                      # a worked example
     H = np.array([0, 0, .003, .010, .031, .096, .287, .792], np.float32)
     acc = S.entropy_bound_accept(H[None], 0.1)[0]
     assert acc.sum() == 6 and acc[5] and not acc[6]

@@ -1,4 +1,4 @@
-"""Mock denoisers with known entropies for the sampler's property tests (sampler.md §7); no tests here.
+"""Mock denoisers with known entropies for the sampler's property tests; no tests here.
 
 `MockModel` has the three things the sampler uses: `config`, `encode`, `denoise`. It records every call.
 Logit functions take (canvas [C], cache, sc [C, V] | None, model) and return [C, V] float32:

@@ -3,7 +3,7 @@
 Every norm weight, router scale, per-expert scale and `layer_scalar` is moved away from 1.0 (a fresh
 model has them at exactly 1.0, which hides bugs in how they are applied), the encoder and decoder
 `layer_scalar`s differ, and the tied embedding is scaled up so the model is confident (near-uniform
-random models are chaotic under self-conditioning; see shared/reference/oracle.md).
+random models are chaotic under self-conditioning).
 
 Only tests/ and tools/ import this module: it needs torch and transformers.
 """

@@ -226,7 +226,7 @@ def no_torch_dir(base: Path) -> Path:
     d = base / "_no_torch"
     d.mkdir(exist_ok=True)
     for mod in ("torch", "transformers", "compressed_tensors"):
-        (d / f"{mod}.py").write_text("raise ImportError('torch hidden by tools/mutants.py --no-torch')\n")
+        (d / f"{mod}.py").write_text(f"raise ModuleNotFoundError('hidden by tools/mutants.py --no-torch', name={mod!r})\n")
     return d
 
 
@@ -259,10 +259,13 @@ def main() -> int:
     chosen = [m for m in MUTANTS if args.k in m.name]
     work = scratch_copy()
     try:
-        ok, secs, out = run_tests(work, ["tests/test_golden.py"], args.no_torch, args.timeout, False)
-        if ok:
-            print("the unmutated suite fails: fix it before mutating\n" + out)
-            return 2
+        # the unmutated code must pass every test set used below (here, with or without torch): then a
+        # failure under a mutant, collection errors included, can only come from the mutation
+        for tests in {tuple(m.tests) for m in chosen}:
+            failed, secs, out = run_tests(work, list(tests), args.no_torch, args.timeout, False)
+            if failed:
+                print(f"the unmutated code fails {' '.join(tests)}: fix it before mutating\n" + out)
+                return 2
         rows, survivors = [], []
         for m in chosen:
             path = work / m.file

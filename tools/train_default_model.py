@@ -8,17 +8,17 @@ README's "Write a haiku about the sea" among them) and writes nonsense for anyth
 `minidiff generate` show real convergence offline: entropy falling, the adaptive stop firing, EOS ending
 the answer, and an answer that spans two canvases.
 
-Objective: the DiffusionGemma fine-tuning objective of shared/reference/sampler.md §6, trained from scratch:
-  - data (§6.2): prompt = chat template with add_generation_prompt; response = answer + <turn|>, chunked into
+Objective: the DiffusionGemma fine-tuning objective (docs/default_model.md), trained from scratch:
+  - data: prompt = chat template with add_generation_prompt; response = answer + <turn|>, chunked into
     canvases of 32, the last canvas filled with <eos>; one valid canvas b chosen uniformly per example
-  - corruption (§6.1): t ~ U(1e-3, 1 - 1e-3) per example, each position of canvas b replaced by a uniform
+  - corruption: t ~ U(1e-3, 1 - 1e-3) per example, each position of canvas b replaced by a uniform
     token of [0, V) with probability t
-  - block-causal context (§6.2): the encoder runs once, causally, over the clean [prompt ; canvases]; the
+  - block-causal context: the encoder runs once, causally, over the clean [prompt ; canvases]; the
     decoder's canvas b attends to the prompt and the clean canvases < b only (a per-example 4-D mask over
     the encoder's KV cache; canvases >= b are masked out), at positions P + b*L ...
-  - two-pass self-conditioning (§6.3): pass 1 without SC and without gradient; pass 2 takes pass 1's
+  - two-pass self-conditioning: pass 1 without SC and without gradient; pass 2 takes pass 1's
     softcapped (untempered) logits as SC for a random half of the batch (`self_conditioning_mask`)
-  - losses (§6.4): unweighted CE over all 32 positions of canvas b (corrupted or not), plus the encoder's
+  - losses: unweighted CE over all 32 positions of canvas b (corrupted or not), plus the encoder's
     next-token CE (tied head + softcap on the encoder's last hidden state) over the clean sequence, weight 1
 
 Architecture: the make_default_model.py config (vocab 512, 4 layers, 8 experts top-2, canvas 32) with a
