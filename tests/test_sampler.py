@@ -154,17 +154,18 @@ def test_done_rows_keep_their_canvas_where_not_accepted():
     def fn(canvas, cache, sc, m):
         if cache.tokens[0] == 3:                                            # confident, but not certain
             return peaked(lambda c: np.arange(C) + 10, height=6.0)(canvas, cache, sc, m)
-        return random_logits(cache.length)(canvas, cache, sc, m)
+        return flat(cache.length)(canvas, cache, sc, m)                     # H ~ log V: never done
     m = MockModel(40, C, fn, eos=[99])
     res, steps, _ = run(m, [[3], [4]], max_new_tokens=C, max_denoising_steps=N, stability_threshold=0,
                         confidence_threshold=1.0, entropy_bound=1e-6)
     done_at = next(e.step for e in steps if e.done[0])
-    assert done_at < N - 1
     at = [e for e in steps if e.step == done_at][0]
+    later = [e for e in steps if e.step > done_at]
+    assert later and not any(e.done[1] for e in steps)                      # row 1 runs on: steps to check
     assert not at.accepted[0].all()                                         # the case the rule is about
-    for e in steps:
-        if e.step > done_at:
-            assert (e.canvas[0] == at.next_canvas[0]).all() and (e.next_canvas[0] == e.canvas[0]).all()
+    for e in later:
+        assert not e.active[0]
+        assert (e.canvas[0] == at.next_canvas[0]).all() and (e.next_canvas[0] == e.canvas[0]).all()
 
 
 def test_inverse_cdf_sums_in_float64_on_the_boundaries():

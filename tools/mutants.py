@@ -212,7 +212,7 @@ EQUIVALENT = {
 
 def scratch_copy() -> Path:
     d = Path(tempfile.mkdtemp(prefix="minidiff-mutants-"))
-    for part in ("minidiff", "tests", "pyproject.toml"):
+    for part in ("minidiff", "tests", "tools", "pyproject.toml"):
         src = ROOT / part
         if src.is_dir():
             shutil.copytree(src, d / part, ignore=shutil.ignore_patterns("__pycache__", ".hypothesis"))
