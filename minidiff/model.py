@@ -59,8 +59,9 @@ def softmax(xp, x, flush_subnormal=False):
     """exp(x - max) / sum over the last axis, computed in one new array (row blocks on separate threads).
 
     flush_subnormal: exponents below -87 (probabilities near 2^-126, the smallest normal float32, and
-    under) become exactly 0. Such a term changes a weighted sum by less than 1e-37 of its largest term, but subnormal
-    floats can make the BLAS dozens of times slower on some CPUs (long attention spans are full of them).
+    under) become exactly 0. Such a term changes a weighted sum by less than 1e-37 of its largest term,
+    but subnormal floats can make the BLAS dozens of times slower on some CPUs (long attention spans are
+    full of them).
     """
     e = xp.empty(x.shape, dtype=x.dtype)
 
@@ -172,10 +173,10 @@ def experts(xp, x, idx, weight, gate_up, down, chunk=16):
     The T·k (token, expert) assignments are sorted by expert. A group of G experts then gathers its
     tokens into a padded batch X [G, M, H] (M = the group's busiest expert) and runs them through its
     weights in one stacked matmul, as W @ Xᵀ (weights on the left: the BLAS then streams the big
-    operand once, 30 % faster than X @ Wᵀ when M is small). Plain weight arrays form one group of all E experts, used as they
-    are. Stored weights (bf16, int4, NVFP4: tensors.py) widen only the experts in use, `chunk` at a time,
-    into reused buffers; the experts are taken busiest first so that a chunk's counts are alike and
-    little of X is padding.
+    operand once, 30 % faster than X @ Wᵀ when M is small). Plain weight arrays form one group of all
+    E experts, used as they are. Stored weights (bf16, int4, NVFP4: tensors.py) widen only the experts
+    in use, `chunk` at a time, into reused buffers; the experts are taken busiest first so that a
+    chunk's counts are alike and little of X is padding.
     """
     T, k = idx.shape
     E, H = gate_up.shape[0], x.shape[1]
