@@ -329,7 +329,11 @@ def dequant_nvfp4(packed: np.ndarray, scale_bits: np.ndarray, global_scale=None,
 # ================================================================================================
 
 class QuantTensor(Stored):
-    """A weight kept packed; widened on use through `expand_into` (tensors.Stored); `nbytes` = packed bytes."""
+    """A weight kept packed; widened on use through `expand_into` (tensors.Stored); `nbytes` = packed bytes.
+    A 2-D format defines `_expand_rows`; one row is a block of one."""
+
+    def _expand_one(self, i, out):
+        self._expand_rows(slice(i, i + 1), out[None])
 
 
 def _float_array(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -359,9 +363,6 @@ class Int4Weight(QuantTensor):
     def _expand_rows(self, rows: slice, out: np.ndarray) -> None:
         dequant_int4_into(self.packed[rows], self._scale(rows), out)
 
-    def _expand_one(self, i, out):
-        self._expand_rows(slice(i, i + 1), out[None])
-
 
 class NVFP4Weight(QuantTensor):
     """One [out, in] Linear in NVFP4 (either convention)."""
@@ -374,9 +375,6 @@ class NVFP4Weight(QuantTensor):
     def _expand_rows(self, rows: slice, out: np.ndarray) -> None:
         out[...] = dequant_nvfp4(self.packed[rows], self.scale_bits[rows], self.global_scale, self.scale_2)
         _check_finite(out, self.name, self.where)  # NaN scale bytes (0x7F) or a zero global scale
-
-    def _expand_one(self, i, out):
-        self._expand_rows(slice(i, i + 1), out[None])
 
 
 class QuantExperts(QuantTensor):

@@ -563,9 +563,10 @@ def _checkpoint_dtype(model) -> str | None:
     if isinstance(d, str):
         return d
     folder = getattr(model, "folder", None)
-    if folder is None or not ModelFolder(folder).has("config.json"):
+    d = ModelFolder(folder) if folder is not None else None
+    if d is None or not d.has("config.json"):
         return None
-    root = ModelFolder(folder).read_json("config.json")
+    root = d.read_json("config.json")
     tc = root.get("text_config") if isinstance(root, dict) else None
     tc = tc if isinstance(tc, dict) else {}
     root = root if isinstance(root, dict) else {}

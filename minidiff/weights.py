@@ -162,7 +162,7 @@ class Checkpoint:
                     raise MinidiffError(f"{index}: tensor {name!r} is not in shard {fname}"[:300])
                 self.where[name] = fname
         else:
-            shards = [n for n in self.dir.names(".safetensors")]
+            shards = self.dir.names(".safetensors")
             if not shards:
                 raise MinidiffError(f"{self.folder}: no model.safetensors or model.safetensors.index.json")
             for fname in shards:
