@@ -19,7 +19,8 @@ from .errors import MinidiffError
 COMMANDS = {
     "generate": ("minidiff.cli_generate", "generate text from a prompt (live denoising view on a terminal)"),
     "chat": ("minidiff.cli_generate", "multi-turn chat in the terminal"),
-    "trace": ("minidiff.trace", "write the oracle tensors (encoder hidden states, denoiser logits) of one input"),
+    "trace": ("minidiff.trace", "write every intermediate tensor of one input (encoder, denoiser, commit, KV cache)"),
+    "compare": ("minidiff.compare", "compare two traces (or a trace and another runtime's dump), layer by layer"),
     "quantize": ("minidiff.quantize", "convert a bf16/fp32 checkpoint to an int4 (W4A16) checkpoint"),
 }
 

@@ -275,12 +275,14 @@ class Model:
 
     # ------------------------------------------------------------------ one layer (§2)
 
-    def layer(self, i: int, h, positions, past_k, past_v, key_positions, mode: str, kv_only: bool = False):
+    def layer(self, i: int, h, positions, past_k, past_v, key_positions, mode: str, kv_only: bool = False,
+              tap=None):
         """One transformer layer. h [T, H] -> (h [T, H], k [T, nkv, hd], v [T, nkv, hd]).
 
         past_k/past_v [P, nkv, hd] are the cached keys/values this layer may read (P may be 0);
         key_positions [P + T] are the absolute positions of past + new keys (encoder masking only).
         kv_only: stop after attention (h is then incomplete); the encoder's last layer needs only its K/V.
+        tap: None, or tap(name, array) to receive this layer's intermediates (minidiff/trace.py).
         """
         xp, cfg, w, lc = self.xp, self.config, self.layers[i], self.config.layers[i]
         eps, T = cfg.rms_norm_eps, h.shape[0]
@@ -301,6 +303,8 @@ class Model:
             o = attention(xp, q, keys, values)
         a = linear(o, w["self_attn.o_proj.weight"])
         h = h + rms_norm(xp, a, w["post_attention_layernorm.weight"], eps)
+        if tap is not None:
+            tap(f"layers.{i}.attention", a)                                                  # [T, H] o_proj output
         if kv_only:
             return h, k, v
 
@@ -315,7 +319,12 @@ class Model:
         y = rms_norm(xp, y, w["post_feedforward_layernorm_2.weight"], eps)
         h = res + rms_norm(xp, m + y, w["post_feedforward_layernorm.weight"], eps)
         scalar = w["encoder_layer_scalar"] if mode == "encode" else w["layer_scalar"]
-        return h * scalar, k, v                                        # layer_scalar scales the whole stream
+        h = h * scalar                                                 # layer_scalar scales the whole stream
+        if tap is not None:
+            for name, value in (("dense_mlp", m), ("router_ids", idx), ("router_weights", weight),
+                                ("experts", y), ("hidden", h)):
+                tap(f"layers.{i}.{name}", value)
+        return h, k, v
 
     # ------------------------------------------------------------------ input checks
 
@@ -349,10 +358,11 @@ class Model:
 
     # ------------------------------------------------------------------ encoder mode (§1, §4, §5)
 
-    def encode(self, ids, cache: KVCache | None = None, return_hidden: bool = False):
+    def encode(self, ids, cache: KVCache | None = None, return_hidden: bool = False, tap=None):
         """Causal pass over ids [T] at positions cache.length ... cache.length + T - 1.
 
         Returns the new cache (and, with return_hidden, the hidden state after every layer [L, T, H]).
+        tap: None, or tap(name, array) to receive every intermediate (a long prompt's pieces in order).
         """
         xp, cfg = self.xp, self.config
         ids = self._ids(ids, "encode")
@@ -362,19 +372,21 @@ class Model:
         if T > self.prefill_chunk:   # a long prompt in pieces: each sees the cache of those before it
             hidden = []
             for s in range(0, T, self.prefill_chunk):
-                out = self.encode(ids[s:s + self.prefill_chunk], cache, return_hidden)
+                out = self.encode(ids[s:s + self.prefill_chunk], cache, return_hidden, tap)
                 cache = out[0] if return_hidden else out
                 hidden += [out[1]] if return_hidden else []
             return (cache, xp.concatenate(hidden, axis=1)) if return_hidden else cache
         positions = xp.arange(cache.length, cache.length + T)
         h = self.embed(ids)
+        if tap is not None:
+            tap("embeddings", h)
         keys, values, hidden = [], [], []
         for i, lc in enumerate(cfg.layers):
             pk, pv = cache.keys[i], cache.values[i]
             key_positions = xp.arange(cache.length - pk.shape[0], cache.length + T)
             # the last layer's FFN feeds no cache: skip it unless its hidden state is asked for
-            kv_only = i == cfg.num_hidden_layers - 1 and not return_hidden
-            h, k, v = self.layer(i, h, positions, pk, pv, key_positions, "encode", kv_only)
+            kv_only = i == cfg.num_hidden_layers - 1 and not return_hidden and tap is None
+            h, k, v = self.layer(i, h, positions, pk, pv, key_positions, "encode", kv_only, tap)
             k, v = xp.concatenate([pk, k]), xp.concatenate([pv, v])
             if lc.is_sliding:                          # keep the last W - 1 positions, like DynamicSlidingWindowLayer
                 keep = cfg.sliding_window - 1
@@ -384,15 +396,18 @@ class Model:
             if return_hidden:
                 hidden.append(h)
         new = KVCache(tuple(keys), tuple(values), cache.length + T)
+        if tap is not None:
+            tap("final_norm", rms_norm(xp, h, self.final_norm, cfg.rms_norm_eps))
         return (new, xp.stack(hidden)) if return_hidden else new
 
     # ------------------------------------------------------------------ denoiser mode (§1, §6, §7)
 
-    def denoise(self, canvas_ids, cache: KVCache, self_conditioning_logits=None):
+    def denoise(self, canvas_ids, cache: KVCache, self_conditioning_logits=None, tap=None):
         """Bidirectional pass over the canvas [C] at positions cache.length ... cache.length + C - 1.
 
         self_conditioning_logits [C, V] (the previous step's tempered logits) or None (first step).
         Returns float32 logits [C, V], softcapped: 30 · tanh(logits / 30). The cache is not modified.
+        tap: None, or tap(name, array) to receive every intermediate (minidiff/trace.py).
         """
         xp, cfg = self.xp, self.config
         ids = self._ids(canvas_ids, "denoise: canvas")
@@ -402,18 +417,28 @@ class Model:
         self._check_length(cache.length, C, "denoise")
         positions = xp.arange(cache.length, cache.length + C)
         x = self.embed(ids)                                                  # [C, H]
+        if tap is not None:
+            tap("embeddings", x)
         if self_conditioning_logits is not None:
             S = xp.asarray(self_conditioning_logits, dtype=xp.float32)
             if S.shape != (C, cfg.vocab_size):
                 raise MinidiffError(f"denoise: self_conditioning_logits must have shape {[C, cfg.vocab_size]}, got {list(S.shape)}")
             soft = soft_embedding(xp, softmax(xp, S), self.embed_tokens) * self.embed_scale   # [C, H]
             s = rms_norm(xp, soft, self.sc["pre_norm"], eps)
-            x = x + mlp(xp, s, self.sc["gate_proj"], self.sc["up_proj"], self.sc["down_proj"])
+            sc = mlp(xp, s, self.sc["gate_proj"], self.sc["up_proj"], self.sc["down_proj"])   # [C, H]
+            if tap is not None:
+                tap("self_conditioning", sc)
+            x = x + sc
         # (no logits: the soft embedding is 0, pre_norm(0) = 0 and the MLP adds exactly 0)
         h = rms_norm(xp, x, eps=eps)                                          # post_norm: no weight
+        if tap is not None:
+            tap("input", h)
         for i in range(cfg.num_hidden_layers):
-            h, _, _ = self.layer(i, h, positions, cache.keys[i], cache.values[i], None, "denoise")
-        logits = tied_head(xp, rms_norm(xp, h, self.final_norm, eps), self.embed_tokens)   # [C, V]
+            h, _, _ = self.layer(i, h, positions, cache.keys[i], cache.values[i], None, "denoise", tap=tap)
+        h = rms_norm(xp, h, self.final_norm, eps)                             # [C, H]
+        if tap is not None:
+            tap("final_norm", h)
+        logits = tied_head(xp, h, self.embed_tokens)                          # [C, V]
         logits = softcap(xp, logits, cfg.final_logit_softcapping)
         if not bool(xp.isfinite(logits).all()):      # NaN in, NaN out: an error, never silent garbage
             raise MinidiffError("denoise: the logits are not finite (NaN): a weight of the checkpoint, the cache "

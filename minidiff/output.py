@@ -44,7 +44,8 @@ class Temporaries:
         return tmp
 
     def commit(self, tmp: Path, final: Path) -> None:
-        try:
+        try:   # ordinary permissions (safetensors creates its files 0600): what the umask allows
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, final)
         except OSError as e:
             raise io_error(final, e)
@@ -61,6 +62,12 @@ class Temporaries:
                 pass
         self.pending.clear()
         return False
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_file(path: Path, data: bytes | str) -> None:

@@ -75,6 +75,7 @@ class SafetensorsFile:
         meta = header.pop("__metadata__", {})
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
             raise MinidiffError(f"{where}: __metadata__ must map names to strings")
+        self.metadata = meta                          # {str: str} (the trace's schema, order, …)
         self.data_start = 8 + n
         data_len = size - self.data_start
         self.entries = {}

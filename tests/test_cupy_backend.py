@@ -19,10 +19,10 @@ GOLDEN = Path(__file__).parent / "golden"
 
 
 def test_golden_on_gpu():
-    exp = load_file(str(GOLDEN / "expected.safetensors"))
+    exp = load_file(str(GOLDEN / "trace.safetensors"))
     model = minidiff.load(GOLDEN / "tiny", device="cuda")
-    cache = model.encode(exp["prompt"])
-    logits = model.denoise(exp["canvas1"], cache)
+    cache = model.encode(exp["prompt_ids"])
+    logits = model.denoise(exp["canvas_ids"], cache)
     assert isinstance(logits, cupy.ndarray)
-    tol = 1e-4 * max(1.0, float(np.abs(exp["logits"]).max()))
-    assert float(np.abs(cupy.asnumpy(logits) - exp["logits"]).max()) <= tol
+    tol = 1e-4 * max(1.0, float(np.abs(exp["denoiser.logits"]).max()))
+    assert float(np.abs(cupy.asnumpy(logits) - exp["denoiser.logits"]).max()) <= tol
