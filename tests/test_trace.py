@@ -106,3 +106,26 @@ def test_long_prompt_pieces_are_joined(tmp_path):
     assert list(whole) == list(pieces)
     rep = compare(whole, list(whole), pieces)        # float noise only: 1e-4 · max(1, max |whole|)
     assert rep["ok"] and len(rep["rows"]) == len(whole), format_report(rep)
+
+
+def test_commit_takes_the_last_steps_argmax():
+    """The sampler commits the argmax of the last step: with self-conditioning, the second step's."""
+    from minidiff.model import KVCache
+    from minidiff.trace import trace
+
+    class Stub:
+        committed = None
+
+        def encode(self, ids, cache=None, tap=None):
+            if cache is not None:
+                Stub.committed = np.asarray(ids)
+            return KVCache((np.zeros((1, 1, 2), np.float32),), (np.zeros((1, 1, 2), np.float32),), 1)
+
+        def denoise(self, ids, cache, sc=None, tap=None):
+            logits = np.zeros((len(ids), 5), np.float32)
+            logits[:, 1 if sc is None else 3] = 1.0            # the two steps disagree everywhere
+            return logits
+
+    t = trace(Stub(), [2, 3], [0, 0, 0], sc_temperature=0.5)
+    assert t["commit.ids"].tolist() == [3, 3, 3] == Stub.committed.tolist()
+    assert trace(Stub(), [2, 3], [0, 0])["commit.ids"].tolist() == [1, 1]

@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 FORWARD = ["tests/test_golden.py", "tests/test_ops.py", "tests/test_cpu_fast.py", "tests/test_model_oracle.py"]
+ORACLE = ["tests/test_trace.py", "tests/test_compare.py", "tests/test_golden.py", "tests/test_trace_oracle.py"]
 SAMPLER = ["tests/test_sampler.py", "tests/test_sampler_mocks.py", "tests/test_golden_trajectory.py",
            "tests/test_generate_oracle.py"]
 FORMATS = ["tests/test_quant.py", "tests/test_cpu_fast.py", "tests/test_quant_ct.py"]
@@ -99,13 +100,24 @@ MUTANTS = [
     M("subnormal-flush-too-wide", "attention: the subnormal flush cuts real probabilities", "minidiff/model.py",
       "eb[eb < -87.0] = -xp.inf", "eb[eb < -8.0] = -xp.inf", FORWARD),
     M("prefill-pieces-forget-cache", "encoder: long prompts in pieces without the cache between them",
-      "minidiff/model.py", "out = self.encode(ids[s:s + self.prefill_chunk], cache, return_hidden)",
-      "out = self.encode(ids[s:s + self.prefill_chunk], None, return_hidden)", FORWARD),
+      "minidiff/model.py", "out = self.encode(ids[s:s + self.prefill_chunk], cache, return_hidden, tap)",
+      "out = self.encode(ids[s:s + self.prefill_chunk], None, return_hidden, tap)", FORWARD),
     M("bf16-buffer-shared", "weights: the bf16 fast path writes into a buffer with dirty low halves",
       "minidiff/tensors.py", 'scratch(key + "/bf16", shape, zeroed=True)', "scratch(key, shape)", FORWARD),
     M("head-block-overlap", "head: vocabulary blocks misplaced", "minidiff/model.py",
       "out[:, v0:v0 + block] = x @ expand(embed_tokens, slice(v0, v0 + block)", "out[:, v0:v0 + block] = x @ expand(embed_tokens, slice(max(0, v0 - 1), max(0, v0 - 1) + block)",
       FORWARD),
+    # ---------------------------------------------------------------- the oracle tools
+    M("compare-reports-last", "compare: names the last bad tensor, not the first", "minidiff/compare.py",
+      "elif first_bad is None and diverged is None:", "elif diverged is None:", ORACLE),
+    M("compare-ids-as-lists", "compare: router ids compared in order (a port's tie order flagged)",
+      "minidiff/compare.py", "same = (np.sort(a, axis=-1) == np.sort(b, axis=-1)).all(axis=-1)",
+      "same = (a == b).all(axis=-1)", ORACLE),
+    M("trace-commits-first-step", "trace: the commit takes the first step's argmax", "minidiff/trace.py",
+      'rec.add("denoiser_sc.logits", logits)', 'rec.add("denoiser_sc.logits", logits); logits = rec.tensors["denoiser.logits"][0]',
+      ORACLE),
+    M("trace-tap-before-scalar", "trace: a layer's hidden recorded before layer_scalar", "minidiff/model.py",
+      '("experts", y), ("hidden", h)):', '("experts", y), ("hidden", h / scalar)):', ORACLE),
     # ---------------------------------------------------------------- the sampler
     M("accept-strict", "acceptance: < instead of <= at the entropy bound", "minidiff/sampler.py",
       "keep_sorted = (c - s) <= xp.float32(bound)", "keep_sorted = (c - s) < xp.float32(bound)", SAMPLER),
