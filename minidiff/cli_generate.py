@@ -20,11 +20,13 @@ import shutil
 import sys
 import time
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 
 from .cli import int_list, utf8_text
 from .errors import MinidiffError
+from .output import check_output_file
 
 RANDOM_NOTE = ("Without --model, the embedded tiny default model is used: a toy that memorised 30 prompts "
                "(docs/default_model.md); on any other prompt its text is gibberish. It is there to try the "
@@ -77,6 +79,11 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--infill", metavar="TEMPLATE",
                    help="fix tokens of the answer: text is held, [[N]] marks N free tokens to fill, e.g. "
                         "'def add(a, b):[[12]]print(add(1, 2))'; the rest of the canvases is free")
+    p.add_argument("--trajectory", metavar="F.safetensors",
+                   help="write every step's draws, canvases, argmax, entropies and acceptance to F "
+                        "(for step-by-step replay in another runtime: docs/trace.md)")
+    p.add_argument("--trajectory-logits", action="store_true",
+                   help="with --trajectory: also every step's tempered logits (steps × canvas × vocab floats)")
     _add_common(p)
 
 
@@ -275,8 +282,9 @@ def _wrap_cells(cells, width, plain, visible=None):
 # running
 
 
-def _generate(session, ids, show_live, args, infill=None, committed_prefix=""):
-    """One generation with the live view and Ctrl-C handling. -> (result | None, committed text)."""
+def _generate(session, ids, show_live, args, infill=None, committed_prefix="", record=None):
+    """One generation with the live view and Ctrl-C handling. -> (result | None, committed text).
+    record: another callback that sees every event (the --trajectory recorder)."""
     from .sampler import generate
 
     state = {"tokens": None}
@@ -284,6 +292,8 @@ def _generate(session, ids, show_live, args, infill=None, committed_prefix=""):
         if show_live else None
 
     def callback(e):
+        if record is not None:
+            record(e)
         if e.kind == "commit":
             state["tokens"] = e.sequences[0]
             if view is not None:
@@ -343,6 +353,9 @@ def run_generate(args) -> int:
         prompt = utf8_text(sys.stdin.read(), "standard input")
     if not prompt.strip() and not args.infill:
         raise MinidiffError("empty prompt: give PROMPT or pipe text on stdin")
+    if args.trajectory_logits and not args.trajectory:
+        raise MinidiffError("--trajectory-logits needs --trajectory F.safetensors")
+    trajectory_out = check_output_file(Path(args.trajectory), "--trajectory") if args.trajectory else None
     session = Session(args, want_chat={"chat": True, "raw": False}.get(args.format))
     if session.template is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
@@ -356,13 +369,23 @@ def run_generate(args) -> int:
     infill = parse_infill(args.infill, session.tok, session.model.config.max_position_embeddings) \
         if args.infill else None
     live = args.live if args.live is not None else _tty(sys.stdout)
+    record = None
+    if args.trajectory:
+        from .trace import _refuse_model_file
+        from .trajectory import Trajectory
+        _refuse_model_file(trajectory_out, session.model.folder)
+        record = Trajectory(keep_logits=args.trajectory_logits)
 
-    result, text = _generate(session, ids, live, args, infill=infill)
+    result, text = _generate(session, ids, live, args, infill=infill, record=record)
     if result is None:                                   # Ctrl-C: what is committed, then 130
         sys.stdout.write(_reply_text(session, text, args) + "\n")
         sys.stdout.flush()
         print("minidiff: interrupted (committed canvases printed)", file=sys.stderr)
         return 130
+    if record is not None:
+        from .trace import save_tensors
+        from .trajectory import metadata
+        save_tensors(trajectory_out, record.tensors([ids]), metadata(result, session.model))
     sys.stdout.write(_reply_text(session, text, args) if session.template is not None else _shown(text))
     sys.stdout.write("\n")
     sys.stdout.flush()

@@ -303,6 +303,9 @@ class StepEvent:
     categorical draws, `argmax` the argmax canvas (the draft), `accepted` the positions that kept their
     sample, `entropy` the per-position entropy (nats), `next_canvas` = accepted samples + fresh noise,
     `done` the rows that met the adaptive stop, `active` the rows that ran the denoiser this step.
+    The step's random draws (docs/randomness.md) come along: `u` [B, C] float64 uniforms, `noise` [B, C]
+    renoising ids and, at a canvas's first step only, `init` [B, C] (the canvas draw); `logits` [B, C, V]
+    are the tempered logits (rows not in `active` hold stale values; on the device for CuPy).
     For "commit": `tokens` [B, C] is the committed canvas (after stop-id padding) and `sequences` the
     generated tokens so far (list of 1-D arrays), `finished` the rows that met a stop id.
     """
@@ -320,6 +323,10 @@ class StepEvent:
     done: np.ndarray | None = None
     active: np.ndarray | None = None
     fixed: np.ndarray | None = None    # [B, C] bool: infill positions held by the caller
+    init: np.ndarray | None = None
+    u: np.ndarray | None = None
+    noise: np.ndarray | None = None
+    logits: object = None
     tokens: np.ndarray | None = None
     sequences: list | None = None
     finished: np.ndarray | None = None
@@ -428,7 +435,8 @@ def generate(model, prompt_ids, config: GenerationConfig | None = None, *, callb
         # (b) a fresh canvas of uniform noise over the whole vocabulary, specials included
         hold = fixed[:, k * C:(k + 1) * C]                  # [B, C] -1 = free
         held = hold >= 0
-        canvas = np.where(held, hold, rng.integers(0, V, size=(B, C)))   # [B, C]
+        init = rng.integers(0, V, size=(B, C))
+        canvas = np.where(held, hold, init)                 # [B, C]
         argmax = canvas.copy()                                            # placeholder until step 0
         sc = None                                           # [B, C, V] self-conditioning logits (last step's z)
         z = None
@@ -492,7 +500,8 @@ def generate(model, prompt_ids, config: GenerationConfig | None = None, *, callb
             if callback is not None:
                 callback(StepEvent("step", k, steps - 1, N, None if T is None else float(T), canvas=canvas,
                                    sampled=sampled, argmax=new_argmax, accepted=accepted, entropy=H_eff,
-                                   next_canvas=next_canvas, done=done.copy(), active=active, fixed=held))
+                                   next_canvas=next_canvas, done=done.copy(), active=active, fixed=held,
+                                   init=init if steps == 1 else None, u=u, noise=noise, logits=z))
             canvas, argmax = next_canvas, new_argmax
             # the next step self-conditions on this step's tempered logits (greedy: their one-hot limit)
             sc = _one_hot_logits(z, argmax, rows) if cfg.greedy else sc_round(z)
