@@ -376,168 +376,209 @@ def generate(model, prompt_ids, config: GenerationConfig | None = None, *, callb
                first generated token (a list of those for a batch). Held in the input canvas of every step
                and in the committed canvas; counted as certain (entropy 0).
     rng        a numpy.random.Generator to draw from (overrides seed); all draws follow docs/randomness.md
+
+    The algorithm (sampler_minimal.py is the same for one prompt, without the options):
+        encode the prompt;  for each canvas: denoise_canvas, then commit_canvas;  until a stop id or K canvases
     """
     t_start = time.perf_counter()
-    cfg = resolve_config(model, config, **overrides)
-    mc = model.config
-    V, C, N = int(mc.vocab_size), int(mc.canvas_length), cfg.max_denoising_steps
-    eos_ids = cfg.eos_token_id if cfg.eos_token_id is not None else list(getattr(mc, "eos_token_ids", []) or [])
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else getattr(mc, "pad_token_id", None)
-    if pad is not None and not 0 <= pad < V:    # committed canvases are encoded: pad must be a token
-        raise MinidiffError(f"pad_token_id {pad} is outside the vocabulary [0, {V})")
-    eos_ids = [e for e in eos_ids if e < V]      # a stop id the model cannot produce never stops anything
-
-    # -- prompts ------------------------------------------------------------------------------
-    batched, prompts = _as_prompt_list(prompt_ids, V)
-    B = len(prompts)
-    P = [len(p) for p in prompts]
-    P_in = max(P)                                           # HF's prompt width (left padding)
-    max_new = cfg.max_new_tokens
-    if cfg.max_length is not None and cfg.max_new_tokens == 256:   # HF: max_length wins only over the default
-        max_new = cfg.max_length - P_in
-        if max_new <= 0:
-            raise MinidiffError(f"max_length {cfg.max_length} leaves no room after a prompt of {P_in} tokens")
-    K = math.ceil(max_new / C)                              # canvases to generate at most
-    ctx = getattr(mc, "max_position_embeddings", None)
-    context_limited = False
-    if ctx is not None:
-        if max(P) + C > ctx:
-            raise MinidiffError(f"prompt of {max(P)} tokens plus one canvas of {C} exceeds the model's context "
-                                f"of {ctx} positions")
-        fit = (ctx - max(P)) // C
-        if fit < K:
-            K, context_limited = fit, True
-
-    fixed = _as_infill(infill, B, batched, K * C, V)       # [B, K*C] int, -1 = free
-
-    # -- randomness ---------------------------------------------------------------------------
-    seed = cfg.seed
-    if rng is None:
-        if seed is None:
-            seed = secrets.randbits(63)
-        rng = np.random.default_rng(seed)
-    else:
-        seed = None
-    sc_round = _sc_rounding(model, cfg)
-
-    # -- state --------------------------------------------------------------------------------
+    plan = Plan.make(model, prompt_ids, resolve_config(model, config, **overrides), infill, rng)
+    B, C = len(plan.prompts), plan.C
     tokens = np.zeros((B, 0), dtype=np.int64)               # [B, k*C] generated so far
     finished = np.zeros(B, dtype=bool)                      # row met a stop id
     passes = np.zeros(B, dtype=np.int64)                    # denoiser passes that count (HF)
-    steps_per_canvas = []
-    caches = [None] * B
-
-    for k in range(K):
-        # (a) encoder: the prompt for the first canvas, afterwards the last committed canvas
+    steps_per_canvas, caches = [], [None] * B
+    for k in range(plan.K):
+        # the encoder: the prompt for the first canvas, afterwards the last committed canvas
         for b in range(B):
-            caches[b] = model.encode(prompts[b]) if k == 0 else model.encode(tokens[b, -C:], caches[b])
-
-        # (b) a fresh canvas of uniform noise over the whole vocabulary, specials included
-        hold = fixed[:, k * C:(k + 1) * C]                  # [B, C] -1 = free
-        held = hold >= 0
-        init = rng.integers(0, V, size=(B, C))
-        canvas = np.where(held, hold, init)                 # [B, C]
-        argmax = canvas.copy()                                            # placeholder until step 0
-        sc = None                                           # [B, C, V] self-conditioning logits (last step's z)
-        z = None
-        entropy = np.zeros((B, C), dtype=np.float32)
-        done = np.zeros(B, dtype=bool)                      # row met the adaptive stop in this canvas
-        history = np.full((cfg.stability_threshold or 0, B, C), -1, dtype=np.int64)
-
-        # (c) denoising steps, counted down: n = N, N-1, ..., 1
-        steps = 0
-        for n in range(N, 0, -1):
-            steps += 1
-            passes += ~(done | finished)
-            T = temperature(n, N, cfg.t_min, cfg.t_max)
-            u = rng.random((B, C))                          # draw 1: uniforms for the categorical sample
-            noise = rng.integers(0, V, size=(B, C))         # draw 2: renoising ids for every position
-            active = ~done                                  # done rows keep their state (HF freezes them)
-
-            rows = np.flatnonzero(active)
-            for b in rows:                                  # one denoiser call per row
-                raw = model.denoise(canvas[b], caches[b],
-                                    self_conditioning_logits=None if sc is None else sc[b])   # [C, V] f32
-                if z is None:
-                    xp = _xp(raw)
-                    z = xp.zeros((B, C, V), dtype=xp.float32)   # tempered logits, reused by every step
-                with np.errstate(over="ignore"):
-                    z[b] = raw if T is None else raw / T
-                if T is not None and not bool(xp.isfinite(z[b]).all()):
-                    raise MinidiffError(f"temperature {float(T):.3g} is too small: logits / T overflow float32 "
-                                        "(raise t_min / t_max)")
-            za = z if len(rows) == B else z[rows]           # [b, C, V] the rows that ran
-            amax_a = za.argmax(axis=-1)                     # [b, C]
-            if cfg.greedy:                                  # T -> 0: one-hot distributions, H = 0
-                samp_a, H_a = amax_a, xp.zeros(amax_a.shape, dtype=xp.float32)
-            else:
-                p, H_a = softmax_entropy(za)                # [b, C, V], [b, C]
-                samp_a = sample_inverse_cdf(p.reshape(-1, V), xp.asarray(u[rows].reshape(-1))).reshape(H_a.shape)
-            sampled = canvas.copy()
-            sampled[rows] = _host(samp_a)
-            new_argmax = argmax.copy()
-            new_argmax[rows] = _host(amax_a)
-            entropy[rows] = _host(H_a)
-
-            # infill: held positions are certain and are re-imposed on both canvases
-            H_eff = np.where(held, np.float32(0), entropy)
-            accepted = entropy_bound_accept(H_eff, cfg.entropy_bound)        # [B, C]
-            next_canvas = np.where(accepted, sampled, noise)
-            next_canvas = np.where(held, hold, next_canvas)
-            new_argmax = np.where(held, hold, new_argmax)
-            next_canvas[done] = canvas[done]                # frozen rows keep their canvas
-
-            if cfg.adaptive_stopping:
-                if cfg.stability_threshold == 0:
-                    stable = np.ones(B, dtype=bool)
-                else:
-                    stable = (history == new_argmax[None]).all(axis=(0, 2))
-                    history = np.roll(history, -1, axis=0)
-                    history[-1] = new_argmax
-                confident = H_eff.mean(axis=-1) < np.float32(cfg.confidence_threshold)
-                done |= active & stable & confident
-
-            if callback is not None:
-                callback(StepEvent("step", k, steps - 1, N, None if T is None else float(T), canvas=canvas,
-                                   sampled=sampled, argmax=new_argmax, accepted=accepted, entropy=H_eff,
-                                   next_canvas=next_canvas, done=done.copy(), active=active, fixed=held,
-                                   init=init if steps == 1 else None, u=u, noise=noise, logits=z))
-            canvas, argmax = next_canvas, new_argmax
-            # the next step self-conditions on this step's tempered logits (greedy: their one-hot limit)
-            sc = _one_hot_logits(z, argmax, rows) if cfg.greedy else sc_round(z)
-            if cfg.adaptive_stopping and done.all():
-                break
+            caches[b] = model.encode(plan.prompts[b]) if k == 0 else model.encode(tokens[b, -C:], caches[b])
+        argmax, steps = denoise_canvas(model, plan, caches, k, finished, passes, callback)
         steps_per_canvas.append(steps)
-
-        # (d) commit the argmax canvas of the last step; (e) stop ids end a row
-        prev_finished = finished.copy()
-        new = argmax.copy()
-        if eos_ids:
-            finished = finished | np.isin(new, eos_ids).any(axis=-1)
-        if pad is not None and finished.any():
-            new[prev_finished] = pad                        # rows finished earlier: the whole canvas is pad
-            if eos_ids:
-                new = eos_fill(new, eos_ids, pad)
+        new, finished = commit_canvas(argmax, finished, plan.eos_ids, plan.pad)
         tokens = np.concatenate([tokens, new], axis=1)
         if callback is not None:
-            callback(StepEvent("commit", k, tokens=new, finished=finished.copy(), fixed=held,
+            callback(StepEvent("commit", k, tokens=new, finished=finished.copy(), fixed=plan.held(k)[1],
                                sequences=[tokens[b].copy() for b in range(B)]))
         if finished.all():
             break
+    return plan.report(tokens, passes, finished, steps_per_canvas, time.perf_counter() - t_start)
 
-    # -- report -------------------------------------------------------------------------------
-    n_valid = (tokens != pad).sum(axis=1) if pad is not None else np.full(B, tokens.shape[1])
-    tpf = n_valid / passes
-    fill = pad if pad is not None else 0
-    seqs = np.full((B, P_in + tokens.shape[1]), fill, dtype=np.int64)
-    for b in range(B):
-        seqs[b, P_in - P[b]:P_in] = prompts[b]
-    seqs[:, P_in:] = tokens
-    return GenerateResult(
-        sequences=seqs if batched else seqs[0], tokens=[tokens[b] for b in range(B)], prompt_lengths=P,
-        steps_per_canvas=steps_per_canvas, passes=passes, tokens_per_forward=tpf if batched else float(tpf[0]),
-        finished=finished, seed=seed, config=cfg, elapsed_s=time.perf_counter() - t_start,
-        context_limited=context_limited)
+
+@dataclass
+class Plan:
+    """Everything a generation fixes before its first random draw."""
+    cfg: GenerationConfig
+    V: int                      # vocabulary
+    C: int                      # canvas length
+    N: int                      # denoising steps per canvas at most
+    K: int                      # canvases at most (max_new_tokens / C, within the context)
+    eos_ids: list               # stop ids the model can produce
+    pad: int | None
+    prompts: list               # [B] 1-D int64 prompt ids
+    batched: bool
+    fixed: np.ndarray           # [B, K*C] infill ids, -1 = free
+    rng: np.random.Generator
+    seed: int | None
+    sc_round: Callable          # how the self-conditioning logits are rounded (the checkpoint's dtype)
+    context_limited: bool
+
+    @classmethod
+    def make(cls, model, prompt_ids, cfg: GenerationConfig, infill, rng) -> "Plan":
+        mc = model.config
+        V, C = int(mc.vocab_size), int(mc.canvas_length)
+        eos_ids = cfg.eos_token_id if cfg.eos_token_id is not None else list(getattr(mc, "eos_token_ids", []) or [])
+        pad = cfg.pad_token_id if cfg.pad_token_id is not None else getattr(mc, "pad_token_id", None)
+        if pad is not None and not 0 <= pad < V:    # committed canvases are encoded: pad must be a token
+            raise MinidiffError(f"pad_token_id {pad} is outside the vocabulary [0, {V})")
+        eos_ids = [e for e in eos_ids if e < V]      # a stop id the model cannot produce never stops anything
+        batched, prompts = _as_prompt_list(prompt_ids, V)
+        P_max = max(len(p) for p in prompts)               # HF's prompt width (left padding)
+        max_new = cfg.max_new_tokens
+        if cfg.max_length is not None and cfg.max_new_tokens == 256:   # HF: max_length wins only over the default
+            max_new = cfg.max_length - P_max
+            if max_new <= 0:
+                raise MinidiffError(f"max_length {cfg.max_length} leaves no room after a prompt of {P_max} tokens")
+        K = math.ceil(max_new / C)
+        ctx = getattr(mc, "max_position_embeddings", None)
+        context_limited = False
+        if ctx is not None:
+            if P_max + C > ctx:
+                raise MinidiffError(f"prompt of {P_max} tokens plus one canvas of {C} exceeds the model's context "
+                                    f"of {ctx} positions")
+            if (ctx - P_max) // C < K:
+                K, context_limited = (ctx - P_max) // C, True
+        fixed = _as_infill(infill, len(prompts), batched, K * C, V)
+        seed = cfg.seed
+        if rng is None:
+            seed = secrets.randbits(63) if seed is None else seed
+            rng = np.random.default_rng(seed)
+        else:
+            seed = None
+        return cls(cfg, V, C, cfg.max_denoising_steps, K, eos_ids, pad, prompts, batched, fixed, rng, seed,
+                   _sc_rounding(model, cfg), context_limited)
+
+    def held(self, k: int):
+        """Canvas k's infill: (ids [B, C] with -1 = free, held [B, C] bool)."""
+        hold = self.fixed[:, k * self.C:(k + 1) * self.C]
+        return hold, hold >= 0
+
+    def report(self, tokens, passes, finished, steps_per_canvas, elapsed) -> "GenerateResult":
+        B, P = len(self.prompts), [len(p) for p in self.prompts]
+        P_max = max(P)
+        n_valid = (tokens != self.pad).sum(axis=1) if self.pad is not None else np.full(B, tokens.shape[1])
+        tpf = n_valid / passes
+        seqs = np.full((B, P_max + tokens.shape[1]), self.pad if self.pad is not None else 0, dtype=np.int64)
+        for b in range(B):
+            seqs[b, P_max - P[b]:P_max] = self.prompts[b]
+        seqs[:, P_max:] = tokens
+        return GenerateResult(
+            sequences=seqs if self.batched else seqs[0], tokens=[tokens[b] for b in range(B)], prompt_lengths=P,
+            steps_per_canvas=steps_per_canvas, passes=passes, tokens_per_forward=tpf if self.batched else float(tpf[0]),
+            finished=finished, seed=self.seed, config=self.cfg, elapsed_s=elapsed,
+            context_limited=self.context_limited)
+
+
+def denoise_canvas(model, plan: Plan, caches, k: int, finished, passes, callback=None):
+    """Canvas k from uniform noise to its draft: -> (argmax [B, C] of the last step, executed steps).
+
+    Each step n = N, N-1, ..., 1 (steps remaining): denoise every row still running, temper by T(n), draw,
+    accept the lowest-entropy positions within the bound, renoise the rest, self-condition the next step
+    on this step's logits; a row stops when its argmax is stable and its mean entropy is low.
+    `passes` [B] is incremented in place for the rows that count (HF's decoder_forward_passes).
+    """
+    cfg, rng, B, C, V, N = plan.cfg, plan.rng, len(plan.prompts), plan.C, plan.V, plan.N
+    hold, held = plan.held(k)
+    init = rng.integers(0, V, size=(B, C))                  # draw: a fresh canvas over ALL ids, specials included
+    canvas = np.where(held, hold, init)                     # [B, C]
+    argmax = canvas.copy()                                  # placeholder until step 0
+    sc, z = None, None                                      # [B, C, V] self-conditioning / tempered logits
+    entropy = np.zeros((B, C), dtype=np.float32)
+    done = np.zeros(B, dtype=bool)                          # row met the adaptive stop in this canvas
+    history = np.full((cfg.stability_threshold or 0, B, C), -1, dtype=np.int64)
+    steps = 0
+    for n in range(N, 0, -1):
+        steps += 1
+        passes += ~(done | finished)
+        T = temperature(n, N, cfg.t_min, cfg.t_max)
+        u = rng.random((B, C))                              # draw: uniforms for the categorical sample
+        noise = rng.integers(0, V, size=(B, C))             # draw: renoising ids for every position
+        active = ~done                                      # done rows keep their state (HF freezes them)
+        rows = np.flatnonzero(active)
+        z = _tempered_logits(model, canvas, caches, sc, rows, T, z)
+        sampled, new_argmax = canvas.copy(), argmax.copy()
+        sampled[rows], new_argmax[rows], entropy[rows] = _draw(z if len(rows) == B else z[rows], u[rows], cfg.greedy)
+
+        # infill: held positions are certain and are re-imposed on both canvases
+        H = np.where(held, np.float32(0), entropy)
+        accepted = entropy_bound_accept(H, cfg.entropy_bound)                # [B, C]
+        next_canvas = np.where(held, hold, np.where(accepted, sampled, noise))
+        new_argmax = np.where(held, hold, new_argmax)
+        next_canvas[done] = canvas[done]                    # frozen rows keep their canvas
+        if cfg.adaptive_stopping:
+            stable, history = _stable(history, new_argmax, cfg.stability_threshold)
+            done |= active & stable & (H.mean(axis=-1) < np.float32(cfg.confidence_threshold))
+
+        if callback is not None:
+            callback(StepEvent("step", k, steps - 1, N, None if T is None else float(T), canvas=canvas,
+                               sampled=sampled, argmax=new_argmax, accepted=accepted, entropy=H,
+                               next_canvas=next_canvas, done=done.copy(), active=active, fixed=held,
+                               init=init if steps == 1 else None, u=u, noise=noise, logits=z))
+        canvas, argmax = next_canvas, new_argmax
+        # the next step self-conditions on this step's tempered logits (greedy: their one-hot limit)
+        sc = _one_hot_logits(z, argmax, rows) if cfg.greedy else plan.sc_round(z)
+        if cfg.adaptive_stopping and done.all():
+            break
+    return argmax, steps
+
+
+def _tempered_logits(model, canvas, caches, sc, rows, T, z):
+    """z [B, C, V] float32 with the rows in `rows` replaced by denoise(canvas, cache, sc) / T (one call per row)."""
+    for b in rows:
+        raw = model.denoise(canvas[b], caches[b], self_conditioning_logits=None if sc is None else sc[b])  # [C, V]
+        if z is None:
+            xp = _xp(raw)
+            z = xp.zeros((len(canvas),) + raw.shape, dtype=xp.float32)    # reused by every step
+        with np.errstate(over="ignore"):
+            z[b] = raw if T is None else raw / T
+        if T is not None and not bool(_xp(z).isfinite(z[b]).all()):
+            raise MinidiffError(f"temperature {float(T):.3g} is too small: logits / T overflow float32 "
+                                "(raise t_min / t_max)")
+    return z
+
+
+def _draw(z, u, greedy: bool):
+    """z [b, C, V] tempered logits, u [b, C] -> host arrays (sampled, argmax, entropy), each [b, C]."""
+    xp = _xp(z)
+    amax = z.argmax(axis=-1)
+    if greedy:                                              # T -> 0: one-hot distributions, H = 0
+        return _host(amax), _host(amax), np.zeros(amax.shape, dtype=np.float32)
+    p, H = softmax_entropy(z)                               # [b, C, V], [b, C]
+    samp = sample_inverse_cdf(p.reshape(-1, z.shape[-1]), xp.asarray(u.reshape(-1))).reshape(H.shape)
+    return _host(samp), _host(amax), _host(H)
+
+
+def _stable(history, argmax, s: int):
+    """-> (stable [B]: argmax equals each of the last s argmax canvases, the updated history [s, B, C])."""
+    if s == 0:
+        return np.ones(argmax.shape[0], dtype=bool), history
+    stable = (history == argmax[None]).all(axis=(0, 2))
+    history = np.roll(history, -1, axis=0)
+    history[-1] = argmax
+    return stable, history
+
+
+def commit_canvas(argmax, finished, eos_ids, pad):
+    """The draft [B, C] becomes the committed canvas: -> (tokens [B, C], finished [B]).
+
+    A row that meets a stop id is finished; after its first stop id the canvas is pad, and a row finished
+    in an earlier canvas commits pad only.
+    """
+    new = argmax.copy()
+    now = finished | np.isin(new, eos_ids).any(axis=-1) if eos_ids else finished.copy()
+    if pad is not None and now.any():
+        new[finished] = pad                                 # rows finished earlier: the whole canvas is pad
+        if eos_ids:
+            new = eos_fill(new, eos_ids, pad)
+    return new, now
 
 
 # ----------------------------------------------------------------------------------------------

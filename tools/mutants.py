@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FORWARD = ["tests/test_golden.py", "tests/test_ops.py", "tests/test_cpu_fast.py", "tests/test_model_oracle.py"]
 ORACLE = ["tests/test_trace.py", "tests/test_compare.py", "tests/test_golden.py", "tests/test_trace_oracle.py"]
 SAMPLER = ["tests/test_sampler.py", "tests/test_sampler_mocks.py", "tests/test_golden_trajectory.py",
-           "tests/test_generate_oracle.py"]
+           "tests/test_generate_oracle.py", "tests/test_trajectory.py", "tests/test_sampler_minimal.py"]
 FORMATS = ["tests/test_quant.py", "tests/test_cpu_fast.py", "tests/test_quant_ct.py"]
 SAFETY = ["tests/test_hostile.py", "tests/test_bad_inputs.py", "tests/test_loader.py"]
 CLI = ["tests/test_cli_generate.py", "tests/test_hostile.py"]
@@ -118,6 +118,11 @@ MUTANTS = [
       ORACLE),
     M("trace-tap-before-scalar", "trace: a layer's hidden recorded before layer_scalar", "minidiff/model.py",
       '("experts", y), ("hidden", h)):', '("experts", y), ("hidden", h / scalar)):', ORACLE),
+    M("portable-rng-half-dropped", "portable randomness: the buffered 32-bit half discarded",
+      "minidiff/portable_rng.py", "        self.half = x >> 32\n", "        self.half = None\n",
+      ["tests/test_portable_rng.py", "tests/test_trajectory.py"]),
+    M("portable-rng-no-rejection", "portable randomness: Lemire without the rejection step",
+      "minidiff/portable_rng.py", "while (m & M32) < threshold:", "while False:", ["tests/test_portable_rng.py"]),
     # ---------------------------------------------------------------- the sampler
     M("accept-strict", "acceptance: < instead of <= at the entropy bound", "minidiff/sampler.py",
       "keep_sorted = (c - s) <= xp.float32(bound)", "keep_sorted = (c - s) < xp.float32(bound)", SAMPLER),
@@ -126,29 +131,30 @@ MUTANTS = [
     M("temperature-reversed", "temperature: schedule runs backwards", "minidiff/sampler.py",
       "(np.float32(n) / np.float32(N))", "(np.float32(N - n + 1) / np.float32(N))", SAMPLER),
     M("draw-order-swapped", "randomness: noise drawn before the uniforms", "minidiff/sampler.py",
-      "            u = rng.random((B, C))                          # draw 1: uniforms for the categorical sample\n"
-      "            noise = rng.integers(0, V, size=(B, C))         # draw 2: renoising ids for every position\n",
-      "            noise = rng.integers(0, V, size=(B, C))\n            u = rng.random((B, C))\n", SAMPLER),
+      "        u = rng.random((B, C))                              # draw: uniforms for the categorical sample\n"
+      "        noise = rng.integers(0, V, size=(B, C))             # draw: renoising ids for every position\n",
+      "        noise = rng.integers(0, V, size=(B, C))\n        u = rng.random((B, C))\n", SAMPLER),
     M("sc-not-rounded", "self-conditioning: bf16 checkpoints' SC logits not rounded to bf16", "minidiff/sampler.py",
       'return round_bf16 if kind == "bfloat16" else (lambda z: z)', "return (lambda z: z)", SAMPLER),
     M("frozen-rows-move", "stopping: a finished row's canvas keeps changing", "minidiff/sampler.py",
       "next_canvas[done] = canvas[done]", "next_canvas = next_canvas", SAMPLER),
     M("confidence-max", "stopping: max entropy instead of mean", "minidiff/sampler.py",
-      "confident = H_eff.mean(axis=-1) < np.float32(cfg.confidence_threshold)",
-      "confident = H_eff.max(axis=-1) < np.float32(cfg.confidence_threshold)", SAMPLER),
+      "(H.mean(axis=-1) < np.float32(cfg.confidence_threshold))",
+      "(H.max(axis=-1) < np.float32(cfg.confidence_threshold))", SAMPLER),
     M("stability-any", "stopping: stable if any earlier argmax matches", "minidiff/sampler.py",
-      "stable = (history == new_argmax[None]).all(axis=(0, 2))",
-      "stable = (history == new_argmax[None]).any(axis=(0, 2))", SAMPLER),
+      "stable = (history == argmax[None]).all(axis=(0, 2))",
+      "stable = (history == argmax[None]).any(axis=(0, 2))", SAMPLER),
     M("eos-dropped", "stop ids: the stop id itself replaced by pad", "minidiff/sampler.py",
       "out[(seen > 0) & ~((seen == 1) & is_eos)] = pad", "out[seen > 0] = pad", SAMPLER),
     M("commit-sample", "commit: the last sample instead of the argmax", "minidiff/sampler.py",
-      "        new = argmax.copy()\n", "        new = canvas.copy()\n", SAMPLER),
+      "    return argmax, steps\n", "    return canvas, steps\n", SAMPLER),
     M("infill-not-held", "infill: held tokens not re-imposed on the next canvas", "minidiff/sampler.py",
-      "            next_canvas = np.where(held, hold, next_canvas)\n", "", SAMPLER),
+      "next_canvas = np.where(held, hold, np.where(accepted, sampled, noise))",
+      "next_canvas = np.where(accepted, sampled, noise)", SAMPLER),
     M("passes-count-all", "reporting: frozen rows counted as forward passes", "minidiff/sampler.py",
       "passes += ~(done | finished)", "passes += 1", SAMPLER),
     M("bound-hard-coded", "acceptance: the configured entropy bound ignored", "minidiff/sampler.py",
-      "accepted = entropy_bound_accept(H_eff, cfg.entropy_bound)", "accepted = entropy_bound_accept(H_eff, 0.1)",
+      "accepted = entropy_bound_accept(H, cfg.entropy_bound)", "accepted = entropy_bound_accept(H, 0.1)",
       SAMPLER),
     M("entropy-sign", "entropy: log-softmax without the log-sum", "minidiff/sampler.py",
       "        d -= xp.log(s)                                    # log-softmax\n", "", SAMPLER),
