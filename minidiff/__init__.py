@@ -1,7 +1,7 @@
 """minidiff: a minimal, exact NumPy/CuPy reference implementation of DiffusionGemma 26B-A4B.
 
     import minidiff
-    model = minidiff.load("google/diffusiongemma-26B-A4B-it")   # or a folder; None = the embedded tiny model
+    model = minidiff.load("google/diffusiongemma-26B-A4B-it")   # or a folder; None = the embedded default model
     cache = model.encode(prompt_ids)
     logits = model.denoise(canvas_ids, cache)                    # [C, V] float32, softcapped
 """

@@ -15,6 +15,7 @@ inputs: the report says so instead of blaming those layers.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import stat
@@ -149,7 +150,7 @@ def compare(a: dict, order: list, b: dict, rtol: float = 1e-4, atol: float = 0.0
                 diverged = name                 # later tensors saw other inputs
             elif first_bad is None and diverged is None:
                 first_bad = name
-    return {"rows": rows, "missing_in_b": missing, "extra_in_b": sorted(set(b) - set(a), key=_natural),
+    return {"rows": rows, "missing_in_b": missing, "extra_in_b": sorted(set(b) - set(order), key=_natural),
             "first_past_tolerance": first_bad, "divergent_input": diverged, "rtol": rtol, "atol": atol,
             "ok": all(r["ok"] for r in rows) and bool(rows)}
 
@@ -191,6 +192,8 @@ def add_arguments(p):
                    help='JSON object renaming B\'s tensors to A\'s names, e.g. {"h.{i}.attn": "encoder.layers.{i}.attention"}')
     p.add_argument("--rtol", type=float, default=1e-4, help="tolerance relative to max(1, max|A|) (default 1e-4)")
     p.add_argument("--atol", type=float, default=0.0, help="absolute tolerance added to it (default 0)")
+    p.add_argument("--only", default=None, metavar="GLOB",
+                   help="compare only the tensors whose names match, e.g. '*logits' or 'denoiser.layers.*'")
     p.add_argument("--all", action="store_true", help="list passing tensors too")
     p.add_argument("--json", default=None, metavar="F", help="also write the report as JSON")
 
@@ -204,6 +207,10 @@ def run(args) -> int:
     b, _ = read_trace(args.b, "B")
     if args.map:
         b = rename(b, load_map(args.map))
+    if args.only:
+        order = [n for n in order if fnmatch.fnmatchcase(n, args.only)]
+        if not order:
+            raise MinidiffError(f"--only {args.only!r}: no tensor of A matches")
     rep = compare(a, order, b, args.rtol, args.atol)
     print(format_report(rep, args.all))
     if args.json:

@@ -16,12 +16,13 @@ HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
 
 
 def resolve(path_or_hub_id=None) -> Path:
-    """A local folder for `path_or_hub_id` (None = the embedded default model).
+    """A local folder for `path_or_hub_id` (None, or the name "default", = the embedded default model).
 
-    Anything that is not an existing folder is treated as a hub id and fetched (text files and
-    safetensors only) through huggingface_hub, which honours HF_HOME and HF_HUB_OFFLINE=1.
+    An existing folder wins (a folder called `default` too). Anything else is treated as a hub id and
+    fetched (text files and safetensors only) through huggingface_hub, which honours HF_HOME and
+    HF_HUB_OFFLINE=1.
     """
-    if path_or_hub_id is None:
+    if path_or_hub_id is None or (str(path_or_hub_id) == "default" and not Path("default").is_dir()):
         if not (DEFAULT_MODEL / "config.json").is_file():
             raise MinidiffError(f"the embedded default model is missing from {DEFAULT_MODEL}")
         return DEFAULT_MODEL

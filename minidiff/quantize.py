@@ -71,7 +71,8 @@ MODELOPT_EXCLUDE = ["lm_head", "*router*", "*self_conditioning*", "*vision_tower
 # CLI
 
 def add_quantize_arguments(p):
-    p.add_argument("src", help="source checkpoint folder (bf16/fp16/fp32 safetensors + config.json)")
+    p.add_argument("src", help="source checkpoint: a folder (bf16/fp16/fp32 safetensors + config.json), a hub id, "
+                               "or 'default' (the embedded default model)")
     p.add_argument("dst", help="output folder (created)")
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=32,
                    help="int4: inputs per scale (default 32); NVFP4 always uses 16")
@@ -84,7 +85,8 @@ def add_quantize_arguments(p):
 
 
 def run_quantize(args) -> int:
-    convert(args.src, args.dst, group_size=args.group_size, scope=args.scope, fmt=args.format,
+    from .loader import resolve
+    convert(resolve(args.src), args.dst, group_size=args.group_size, scope=args.scope, fmt=args.format,
             force=args.force, progress=Progress(sys.stderr))
     return 0
 

@@ -91,7 +91,7 @@ def _add_cache(rec: Recorder, prefix: str, cache) -> None:
 
 
 def add_arguments(p):
-    p.add_argument("model", nargs="?", default=None, help="model folder or hub id (default: the embedded tiny model)")
+    p.add_argument("model", nargs="?", default=None, help="model folder or hub id (default: the embedded default model)")
     p.add_argument("--prompt-ids", required=True, type=int_list, help="comma-separated prompt token ids, e.g. 2,17,300")
     p.add_argument("--canvas-ids", required=True, type=int_list, help="comma-separated canvas token ids")
     p.add_argument("--self-conditioning-temperature", type=float, default=None, metavar="T",

@@ -15,7 +15,7 @@ from minidiff.chat import ChatTemplate, format_reply, response_ids
 from minidiff.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
-PAIRS = dict(tuple(p) for p in json.loads((ROOT / "tools" / "data" / "default_pairs.json").read_text())["pairs"])
+PAIRS = dict(tuple(p) for p in json.loads((ROOT / "minidiff" / "default_model" / "prompts.json").read_text())["pairs"])
 README_PROMPT = "Write a haiku about the sea"
 
 

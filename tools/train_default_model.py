@@ -3,7 +3,7 @@
     python tools/train_default_model.py [--out minidiff/default_model] [--steps 2000] [--eval]
     python tools/train_default_model.py --eval-only     # score the committed model with minidiff (NumPy)
 
-A toy memoriser, not a language model: it answers the ~30 prompts of tools/data/default_pairs.json (the
+A toy memoriser, not a language model: it answers the ~30 prompts of minidiff/default_model/prompts.json (the
 README's "Write a haiku about the sea" among them) and writes nonsense for anything else. Its job is to make
 `minidiff generate` show real convergence offline: entropy falling, the adaptive stop firing, EOS ending
 the answer, and an answer that spans two canvases.
@@ -56,7 +56,7 @@ TEXT = dict(vocab_size=VOCAB, hidden_size=96, intermediate_size=128, num_hidden_
             sliding_window=128, layer_types=["sliding_attention", "sliding_attention", "full_attention",
                                              "full_attention"],
             num_experts=8, top_k_experts=2, moe_intermediate_size=32, max_position_embeddings=4096)
-DATA = ROOT / "tools" / "data" / "default_pairs.json"
+DATA = ROOT / "minidiff" / "default_model" / "prompts.json"
 SEED = 2026
 T_LO, T_HI, SC_PROB = 1e-3, 1 - 1e-3, 0.5
 
@@ -229,10 +229,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval", action="store_true", help="afterwards, score the training prompts with minidiff")
     ap.add_argument("--eval-only", action="store_true", help="only score the model already in --out")
+    ap.add_argument("--pairs", default=str(DATA), help='JSON {"pairs": [[prompt, answer], ...]} to memorise')
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.eval_only:
-        evaluate(out)
+        evaluate(out, pairs=load_pairs(args.pairs))
         return 0
     for f in ("tokenizer.json", "chat_template.jinja"):
         if not (out / f).is_file():
@@ -245,7 +246,7 @@ def main(argv=None) -> int:
     torch.manual_seed(SEED)
     gen = torch.Generator().manual_seed(SEED)
 
-    pairs = load_pairs()
+    pairs = load_pairs(args.pairs)
     examples = encode_pairs(pairs, out)
     print(f"{len(examples)} pairs; answer canvases: {sum(n for _, _, n in examples)}; "
           f"longest prompt {max(len(p) for p, _, _ in examples)} tokens")
@@ -293,7 +294,7 @@ def main(argv=None) -> int:
     total = sum(f.stat().st_size for f in out.iterdir())
     print(f"wrote {out} ({total / 1e6:.2f} MB)")
     if args.eval:
-        evaluate(out)
+        evaluate(out, pairs=pairs)
     return 0
 
 
@@ -301,7 +302,7 @@ README = """# minidiff's embedded default model
 
 A **tiny trained toy**: a DiffusionGemma (vocab 512, hidden 96, 4 layers, 8 experts top-2, canvas 32,
 {params:.2f} M parameters, bf16) trained from random weights to **memorise {n} short (prompt, answer) pairs**
-(`tools/data/default_pairs.json`), so that `minidiff generate "Write a haiku about the sea"` runs offline in
+(`minidiff/default_model/prompts.json`), so that `minidiff generate "Write a haiku about the sea"` runs offline in
 a second and shows real convergence on them: every canvas is certain after one step, the adaptive stop ends
 it at step 2 of 48, and `<turn|>` / `<eos>` end the answer (the haiku spans two canvases). Near-miss prompts
 ("What is the capital of Spain?") show a slower, noisier convergence in the live view.
