@@ -8,7 +8,6 @@ from .backend import get_xp
 from .config import load_config
 from .errors import MinidiffError
 from .model import Model
-from .tensors import dense
 from .weights import load_text_weights, open_checkpoint
 
 DEFAULT_MODEL = Path(__file__).parent / "default_model"
@@ -39,16 +38,21 @@ def resolve(path_or_hub_id=None) -> Path:
         raise MinidiffError(f"{s}: could not fetch from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
 
 
-def load(path_or_hub_id=None, device: str = "cpu") -> Model:
+def load(path_or_hub_id=None, device: str = "cpu", precision: str = "fp32") -> Model:
     """Load DiffusionGemma text weights from a folder or hub id; None = the embedded default model.
 
     The large tensors (embedding, experts) stay in their stored precision, memory-mapped, and are widened
-    to float32 per use (tensors.py); everything else is float32.
+    to float32 per use (tensors.py); everything else is float32. On device "cuda" the weights stay compact
+    on the GPU (bf16 words, packed int4: gpu.py). precision "fp32" computes as on the CPU (the same
+    trajectories); "bf16" runs the experts on the grouped tensor-core kernels with bf16 activations.
     """
     folder = resolve(path_or_hub_id)
     xp = get_xp(device)
     cfg = load_config(folder)
     weights = load_text_weights(open_checkpoint(folder), cfg)
     if xp.__name__ != "numpy":
-        weights = {k: xp.asarray(dense(v)) for k, v in weights.items()}   # widened to float32 on the device
+        from .gpu import to_device
+        weights = {k: to_device(v, k, precision, xp) for k, v in weights.items()}
+    elif precision != "fp32":
+        raise MinidiffError(f"precision {precision!r} is for device 'cuda'; the CPU computes in float32")
     return Model(cfg, weights, folder=folder, xp=xp)

@@ -178,6 +178,8 @@ def experts(xp, x, idx, weight, gate_up, down, chunk=16):
     in use, `chunk` at a time, into reused buffers; the experts are taken busiest first so that a
     chunk's counts are alike and little of X is padding.
     """
+    if getattr(gate_up, "kernels", False):      # device experts with grouped CUDA kernels (gpu.py)
+        return gate_up.run(x, idx, weight, down)
     T, k = idx.shape
     E, H = gate_up.shape[0], x.shape[1]
     flat = idx.reshape(-1)                                             # [T*k] expert of each assignment

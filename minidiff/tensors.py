@@ -160,13 +160,13 @@ def expand(w, index, key: str, xp=np):
     """
     if not is_stored(w):
         return w[index]
-    n = len(range(*index.indices(w.shape[0]))) if isinstance(index, slice) else int(np.asarray(index).size)
+    n = len(range(*index.indices(w.shape[0]))) if isinstance(index, slice) else int(index.size)
     shape = (n,) + tuple(w.shape[1:])
     if isinstance(w, HalfTensor) and w.dtype == "BF16":
         # a buffer that only ever receives widened bf16 keeps its low halves at zero (it starts zeroed)
         out = w.expand_into(index, scratch(key + "/bf16", shape, zeroed=True), low_zero=True)
-    else:
-        out = w.expand_into(index, scratch(key, shape))
+    else:   # (a device weight, gpu.py, widens into a device buffer)
+        out = w.expand_into(index, scratch(key, shape, getattr(w, "xp", np)))
     return out if xp is np else xp.asarray(out)
 
 
@@ -174,8 +174,9 @@ def take_rows(w, ids) -> np.ndarray:
     """Rows w[ids] of a 2-D weight as a new float32 array (embedding lookups): only those rows are widened."""
     if not is_stored(w):
         return w[ids]
-    ids = np.asarray(ids)
-    return w.expand_into(ids.reshape(-1), np.empty((ids.size,) + tuple(w.shape[1:]), dtype=np.float32)
+    wxp = getattr(w, "xp", np)                  # where the weight lives (gpu.py: on the device)
+    ids = wxp.asarray(ids)
+    return w.expand_into(ids.reshape(-1), wxp.empty((ids.size,) + tuple(w.shape[1:]), dtype=wxp.float32)
                          ).reshape(ids.shape + tuple(w.shape[1:]))
 
 

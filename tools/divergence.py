@@ -88,7 +88,7 @@ def main():
                   f"{len(first):>3}/{args.seeds}   first divergent step (median) {r['median_first_divergent_step']}",
                   flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": "embedded default model", "rows": rows}, indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({"made_by": "tools/divergence.py", "rows": rows}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
