@@ -3,7 +3,8 @@
 `model.py` is the same forward on both backends. What differs on a GPU lives here, in the weight types:
 
     DeviceHalf     a bf16 tensor as its raw 16-bit words on the device (the embedding / tied head, and every
-                   Linear whose float32 values are all bf16 values); widened per use into a scratch buffer
+                   Linear whose float32 values are all bf16 values); widened per use into a scratch buffer,
+                   or (precision "bf16") multiplied by cuBLAS bf16 GEMMs on the words
     DeviceInt4     an int4 Linear (compressed-tensors layout): packed words + scales, dequantized per use
     DeviceExperts  fused experts [E, rows, in], bf16 or int4. In exact mode they widen per use like any stored
                    tensor (model.experts groups the tokens and multiplies in float32, exactly as on the CPU).
@@ -48,17 +49,31 @@ def module(name: str):
 
 
 class DeviceHalf(Stored):
-    """bf16 [rows, ...] as raw words on the device; expand_into widens the asked rows (exact)."""
+    """bf16 [rows, ...] as raw words on the device; expand_into widens the asked rows (exact).
 
-    def __init__(self, raw, name="?", xp=None):
+    `fast` (precision "bf16"): model.linear / tied_head / soft_embedding call `linear` and `rmatmul`
+    instead, cuBLAS bf16 GEMMs on the raw words with float32 accumulation and output (the activations
+    rounded to bf16, as in the reference's bf16 model)."""
+
+    def __init__(self, raw, name="?", xp=None, fast=False):
         self.xp = xp or _cupy()
-        self.raw, self.name, self.dtype = self.xp.asarray(raw), name, "BF16"
+        self.raw, self.name, self.dtype, self.fast = self.xp.asarray(raw), name, "BF16", fast
         self.shape, self.nbytes = tuple(self.raw.shape), int(self.raw.nbytes)
 
     def expand_into(self, index, out):
         rows = self.raw[index] if isinstance(index, slice) else self.raw[self.xp.asarray(index)]
         out[...] = bf16_to_f32(rows).reshape(out.shape)
         return out
+
+    def linear(self, x):
+        """x [T, K] float32 @ Wᵀ (W [N, K]) -> [T, N] float32."""
+        N, K = self.shape
+        return gemm_bf16(self.raw, f32_to_bf16_bits(x), N, x.shape[0], K, transpose_w=True)
+
+    def rmatmul(self, p):
+        """p [T, N] float32 @ W (W [N, K]) -> [T, K] float32."""
+        N, K = self.shape
+        return gemm_bf16(self.raw, f32_to_bf16_bits(p), K, p.shape[0], N, transpose_w=False)
 
 
 class DeviceInt4(Stored):
@@ -132,6 +147,21 @@ class DeviceExperts(Stored):
                 (down.data, down.scales, act, plan.route_weight, plan.offsets, i32(H), i32(Ie),
                  i32(down.group), rows))
         return combine(xp, rows, plan, T, k)
+
+
+def gemm_bf16(w_bits, x_bits, m: int, n: int, k: int, transpose_w: bool):
+    """cublasGemmEx on bf16 words, float32 accumulation and output. Row-major Y [n, m] = X [n, k] @ op(W):
+    cuBLAS is column-major, so it computes Yᵀ = op(W)ᵀ Xᵀ, with W [m, k] (transpose_w: x @ Wᵀ) or
+    W [k, m] (p @ W) read in place."""
+    import cupy
+    from cupy_backends.cuda.libs import cublas
+    R_16BF, R_32F, COMPUTE_32F, OP_N, OP_T, DEFAULT = 14, 0, 68, 0, 1, -1
+    y = cupy.empty((n, m), dtype=cupy.float32)
+    one, zero = np.ones(1, np.float32), np.zeros(1, np.float32)
+    cublas.gemmEx(cupy.cuda.device.get_cublas_handle(), OP_T if transpose_w else OP_N, OP_N, m, n, k,
+                  one.ctypes.data, w_bits.data.ptr, R_16BF, k if transpose_w else m,
+                  x_bits.data.ptr, R_16BF, k, zero.ctypes.data, y.data.ptr, R_32F, m, COMPUTE_32F, DEFAULT)
+    return y
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +248,7 @@ def to_device(w, name: str, precision: str = "fp32", xp=None):
     if isinstance(w, HalfTensor) and w.dtype == "BF16":
         raw = np.ascontiguousarray(w.raw)
         return DeviceExperts("bf16", raw, w.shape, kernels=kernels, name=name, xp=xp) if experts \
-            else DeviceHalf(raw, name, xp)
+            else DeviceHalf(raw, name, xp, fast=kernels and w.raw.ndim == 2)
     if isinstance(w, quant.QuantExperts) and all(isinstance(p, quant.Int4Weight) for ps in w.parts for p in ps):
         words = np.stack([np.concatenate([np.asarray(p.packed) for p in ps]) for ps in w.parts])
         scales = np.stack([np.concatenate([p._scale(slice(None)) for p in ps]) for ps in w.parts])
@@ -232,7 +262,7 @@ def to_device(w, name: str, precision: str = "fp32", xp=None):
     if a.ndim >= 2 and a.size >= 4096:             # a Linear: keep it as bf16 words when that is exact
         bits = f32_to_bf16_bits(a)
         if np.array_equal(bf16_to_f32(bits), a, equal_nan=True):
-            return DeviceHalf(bits, name, xp)
+            return DeviceHalf(bits, name, xp, fast=kernels and a.ndim == 2)
     return xp.asarray(a)
 
 

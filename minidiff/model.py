@@ -141,6 +141,8 @@ def causal_attention(xp, q, keys, values, positions, key_positions, window=None,
 
 def linear(x, W):
     """y = x @ Wᵀ for a PyTorch-layout weight W [out, in] (a stored low-bit W is widened for this use)."""
+    if getattr(W, "fast", False):                # a device weight with its own bf16 GEMM (gpu.py)
+        return W.linear(x)
     return x @ expand(W, slice(None), "linear").T
 
 
@@ -211,6 +213,8 @@ def experts(xp, x, idx, weight, gate_up, down, chunk=16):
 
 def tied_head(xp, x, embed_tokens, block=16384):
     """Logits x @ Eᵀ [T, V] over the tied embedding E [V, H]; a stored E is widened block by block."""
+    if getattr(embed_tokens, "fast", False):     # a device weight with its own bf16 GEMM (gpu.py)
+        return embed_tokens.linear(x)
     if not is_stored(embed_tokens):
         return x @ embed_tokens.T
     V = embed_tokens.shape[0]
@@ -222,6 +226,8 @@ def tied_head(xp, x, embed_tokens, block=16384):
 
 def soft_embedding(xp, probs, embed_tokens, block=16384):
     """probs [C, V] @ E [V, H] -> [C, H]: the expected embedding under probs; stored E block by block."""
+    if getattr(embed_tokens, "fast", False):
+        return embed_tokens.rmatmul(probs)
     if not is_stored(embed_tokens):
         return probs @ embed_tokens
     out = xp.zeros((probs.shape[0], embed_tokens.shape[1]), dtype=xp.float32)
