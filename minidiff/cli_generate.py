@@ -41,6 +41,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR|HUB_ID", default=None,
                    help="model folder or Hugging Face hub id (default: the embedded default model, a 0.7 M-parameter memoriser of 30 prompts)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="NumPy (cpu) or CuPy (cuda)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="cuda only: fp32 = as on the CPU (same trajectories); bf16 = tensor-core kernels, bf16 activations")
     s = p.add_argument_group("sampler (defaults: the model's generation_config.json, else the reference's)")
     s.add_argument("--max-new-tokens", type=int, metavar="N", help="rounded up to whole canvases (256)")
     s.add_argument("--steps", "--max-denoising-steps", dest="max_denoising_steps", type=int, metavar="N",
@@ -117,7 +119,7 @@ class Session:
         from .sampler import resolve_config
         from .tokenizer import Tokenizer
 
-        self.model = load(args.model, device=args.device)
+        self.model = load(args.model, device=args.device, precision=args.precision)
         self.tok = Tokenizer.from_folder(self.model.folder)
         if self.tok.vocab_size > self.model.config.vocab_size:
             raise MinidiffError(f"tokenizer has {self.tok.vocab_size} tokens, the model only {self.model.config.vocab_size}")

@@ -100,6 +100,8 @@ def add_arguments(p):
                    help="also export a denoising step on this canvas after the commit")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="cuda only: bf16 runs the tensor-core kernels (compare it against an fp32 trace)")
 
 
 def _refuse_model_file(out: Path, folder) -> None:
@@ -135,7 +137,7 @@ def run(args) -> int:
     if T is not None and not (np.isfinite(T) and T > 0):
         raise MinidiffError(f"--self-conditioning-temperature must be > 0, got {T}")
     out = check_output_file(Path(args.out), "--out")
-    model = minidiff.load(args.model, device=args.device)
+    model = minidiff.load(args.model, device=args.device, precision=args.precision)
     _refuse_model_file(out, model.folder)
     tensors = trace(model, args.prompt_ids, args.canvas_ids, T, args.next_canvas_ids)
     meta = {"schema": "minidiff-trace", "schema_version": str(SCHEMA_VERSION),
