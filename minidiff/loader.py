@@ -29,6 +29,8 @@ def resolve(path_or_hub_id=None) -> Path:
     if p.is_dir():
         return p
     s = str(path_or_hub_id)
+    if not p.exists() and (s.startswith((".", "/", "~")) or s.count("/") > 1):
+        raise MinidiffError(f"{s}: no such folder")
     if p.exists() or s.startswith((".", "/", "~")) or s.count("/") != 1:
         raise MinidiffError(f"{s}: not a model folder (and not a hub id of the form 'org/name')")
     try:

@@ -162,7 +162,7 @@ def test_canvas_ids_out_of_vocabulary(model_dir):
 
 def test_bad_cli_values(model_dir):
     assert_one_line_error(*run_trace(model_dir, prompt="2,x,9"), "--prompt-ids")
-    assert_one_line_error(*run_trace(model_dir / "nope", out=model_dir / "t.safetensors"), "not a model folder")
+    assert_one_line_error(*run_trace(model_dir / "nope", out=model_dir / "t.safetensors"), "nope: no such folder")
 
 
 def test_prompt_longer_than_context(model_dir):

@@ -72,7 +72,7 @@ def test_prompt_from_stdin(capsys, monkeypatch):
     (["generate", "hi", "--eos-token-id", "1,x"], "comma-separated"),
     (["generate", "hi", "--bogus"], "unrecognized arguments"),
     (["generate", "a " * 5000], "exceeds the model's context"),
-    (["generate", "hi", "--model", "/nonexistent/model"], "not a model folder"),
+    (["generate", "hi", "--model", "/nonexistent/model"], "/nonexistent/model: no such folder"),
     (["generate", "hi", "--raw", "--think"], "--think need"),
     (["generate", "hi", "--infill", "[[40]]abc", "--max-new-tokens", "4"], "longer than"),
 ])
