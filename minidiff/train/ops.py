@@ -74,10 +74,11 @@ def softcap_backward(xp, dy, saved):
 
 
 def rope(xp, x, positions, inv_freq):
-    """x [T, n, hd] rotated pairwise (dims i, i + hd/2) by the angle position · inv_freq[i] (model.rope)."""
-    ang = positions.astype(x.dtype)[:, None] * inv_freq.astype(x.dtype)[None, :]
-    cos = xp.cos(xp.concatenate([ang, ang], axis=-1))[:, None, :]
-    sin = xp.sin(xp.concatenate([ang, ang], axis=-1))[:, None, :]
+    """x [T, n, hd] rotated pairwise (dims i, i + hd/2) by the angle position · inv_freq[i] (model.rope).
+    The angles, cos and sin are float32 whatever x's dtype, as in the model and the reference."""
+    ang = positions.astype(xp.float32)[:, None] * inv_freq.astype(xp.float32)[None, :]
+    cos = xp.cos(xp.concatenate([ang, ang], axis=-1)).astype(x.dtype)[:, None, :]
+    sin = xp.sin(xp.concatenate([ang, ang], axis=-1)).astype(x.dtype)[:, None, :]
     half = x.shape[-1] // 2
     rotated = xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin, (cos, sin)
