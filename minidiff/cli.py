@@ -21,6 +21,7 @@ COMMANDS = {
     "chat": ("minidiff.cli_generate", "multi-turn chat in the terminal"),
     "trace": ("minidiff.trace", "write every intermediate tensor of one input (encoder, denoiser, commit, KV cache)"),
     "compare": ("minidiff.compare", "compare two traces (or a trace and another runtime's dump), layer by layer"),
+    "train": ("minidiff.train.trainer", "train or fine-tune on (prompt, answer) pairs with minidiff's own gradients"),
     "quantize": ("minidiff.quantize", "convert a bf16/fp32 checkpoint to an int4 (W4A16) checkpoint"),
 }
 

@@ -117,7 +117,7 @@ def load_params(folder, dtype="float32", xp=None) -> tuple:
     folder = resolve(folder)
     cfg = load_config(folder)
     weights = load_text_weights(open_checkpoint(folder), cfg)
-    return cfg, {n: xp.asarray(np.asarray(dense(w), dtype=dtype)) for n, w in weights.items()}
+    return cfg, {n: xp.asarray(np.array(dense(w), dtype=dtype)) for n, w in weights.items()}   # writable copies
 
 
 def loss_and_grads(xp, params, cfg, ids, b: int, xt, use_sc: bool, prompt_len: int, backward: bool = True,

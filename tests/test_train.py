@@ -1,0 +1,80 @@
+"""`minidiff train`: deterministic for a seed, resumable exactly (a run spread over sittings ends where an
+uninterrupted one does), and it works: a model trained from scratch by minidiff's own gradients answers
+its training prompts."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from minidiff.train.trainer import Settings, train
+
+PAIRS = {"pairs": [["What is the capital of France?", "Paris."], ["Name a prime number", "Seven is prime."]]}
+
+
+@pytest.fixture
+def data(tmp_path):
+    p = tmp_path / "pairs.json"
+    p.write_text(json.dumps(PAIRS))
+    return p
+
+
+def weights(folder):
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, data):
+    s = Settings(steps=6, batch=2, warmup=2, save_every=100)
+    train(None, data, tmp_path / "a", s)
+    train(None, data, tmp_path / "b", s, stop_after=2)                 # three sittings: 2 + 3 + 1 steps
+    assert json.loads((tmp_path / "b" / "trainer_state.json").read_text())["step"] == 2
+    train(None, data, tmp_path / "b", Settings(), resume=True, stop_after=3)
+    res = train(None, data, tmp_path / "b", Settings(), resume=True)
+    assert res["step"] == 6 and len(res["history"]) == 6
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    sa, sb = load_file(str(tmp_path / "a" / "trainer_state.safetensors")), load_file(str(tmp_path / "b" / "trainer_state.safetensors"))
+    assert all(np.array_equal(sa[k], sb[k]) for k in sa)
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path, data):
+    s = Settings(steps=2, batch=2, warmup=1)
+    train(None, data, tmp_path / "a", s)
+    train(None, data, tmp_path / "b", s)
+    train(None, data, tmp_path / "c", Settings(steps=2, batch=2, warmup=1, seed=7))
+    a, b, c = (weights(tmp_path / x) for x in "abc")
+    k = "model.decoder.layers.0.self_attn.q_proj.weight"
+    assert np.array_equal(a[k], b[k]) and not np.array_equal(a[k], c[k])
+
+
+def test_trained_from_scratch_it_answers(tmp_path, data):
+    out = tmp_path / "m"
+    p = subprocess.run([sys.executable, "-m", "minidiff", "train", "--data", str(data), "--out", str(out),
+                        "--from-scratch", "--steps", "300", "--batch", "4"], capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-2000:]
+    hist = json.loads((out / "trainer_state.json").read_text())["history"]
+    assert hist[-1][1] + hist[-1][2] < 0.1 * (hist[0][1] + hist[0][2])          # the loss fell tenfold
+    for prompt, answer in PAIRS["pairs"]:
+        p = subprocess.run([sys.executable, "-m", "minidiff", "generate", "--model", str(out), prompt, "--seed", "1",
+                            "-q"], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and p.stdout.strip() == answer, (prompt, p.stdout, p.stderr)
+
+
+def test_cli_refusals(tmp_path, data):
+    def run(*args):
+        p = subprocess.run([sys.executable, "-m", "minidiff", "train", *args], capture_output=True, text=True, timeout=120)
+        return p.returncode, p.stderr
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"pairs": [["only a prompt"]]}')
+    code, err = run("--data", str(bad), "--out", str(tmp_path / "o"))
+    assert code == 2 and err.startswith("minidiff: error:") and err.count("\n") == 1
+    code, err = run("--data", str(data), "--out", str(tmp_path / "none"), "--resume")
+    assert code == 2 and "no trainer_state.json" in err
+    train(None, data, tmp_path / "done", Settings(steps=1, batch=1, warmup=1))
+    code, err = run("--data", str(data), "--out", str(tmp_path / "done"))
+    assert code == 2 and "--resume continues it" in err
+    code, err = run("--data", str(data), "--out", str(tmp_path / "o"), "--lr", "nan")
+    assert code == 2 and "--lr" in err
