@@ -11,7 +11,7 @@ Two kinds of examples are run; every other code block is prose:
     expected                   run as one doctest per file in the repository root (ELLIPSIS and
                                NORMALIZE_WHITESPACE on: `...` in expected output matches anything)
 
-In console output, a line `...` matches any number of lines. A command that exits non-zero fails unless
+In console output, a line `...` matches any number of lines, and `...` within a line any text. A command that exits non-zero fails unless
 it is the last of a block fenced ```console exit=N and exits with N.
 
     python tools/check_docs.py            # all files
@@ -65,12 +65,14 @@ def console_examples(text: str):
 
 
 def matches(expected: list[str], got: list[str]) -> bool:
-    """Line by line; an expected line `...` matches any number of lines."""
+    """Line by line; an expected line `...` matches any number of lines, and `...` inside a line matches
+    any text (numbers that vary with the machine, say)."""
     if not expected:
         return not got
     if expected[0] == "...":
         return any(matches(expected[1:], got[k:]) for k in range(len(got) + 1))
-    return bool(got) and expected[0] == got[0] and matches(expected[1:], got[1:])
+    line = re.escape(expected[0]).replace(re.escape("..."), ".*")
+    return bool(got) and re.fullmatch(line, got[0]) is not None and matches(expected[1:], got[1:])
 
 
 def run_console(path: Path, verbose: bool) -> list[str]:
