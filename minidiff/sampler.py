@@ -188,7 +188,7 @@ _xp = array_module  # the array module (numpy / cupy) of an array
 
 
 def temperature(n: int, N: int, t_min: float | None, t_max: float | None):
-    """T(n) = t_min + (t_max - t_min) * n / N with n = steps remaining (N at the first step, 1 at the last).
+    """T(n) = t_min + (t_max - t_min) * n / N with n = steps remaining (N at the first step, 1 at the last; §S6).
 
     Computed in float32 exactly as HF does (n/N as float32, the Python-float span cast to float32).
     None (no schedule) when t_min or t_max is None: the logits are then used as they are (T = 1).
@@ -244,7 +244,7 @@ def sample_inverse_cdf(p, u, chunk_elems: int = 1 << 23):
 
 
 def entropy_bound_accept(H, bound: float):
-    """H [..., C] float32 entropies -> [..., C] bool: which positions keep their sampled token.
+    """H [..., C] float32 entropies -> [..., C] bool: which positions keep their sampled token (§S3).
 
     Sort ascending (stable), accept the prefix whose EXCLUSIVE prefix sum is <= bound:
         accept order[r]  <=>  cumsum(s)[r] - s[r] <= bound,   s = H[order]
@@ -479,6 +479,7 @@ class Plan:
 
 def denoise_canvas(model, plan: Plan, caches, k: int, finished, passes, callback=None):
     """Canvas k from uniform noise to its draft: -> (argmax [B, C] of the last step, executed steps).
+    (docs/sampler.md: the step rules §S2–§S10.)
 
     Each step n = N, N-1, ..., 1 (steps remaining): denoise every row still running, temper by T(n), draw,
     accept the lowest-entropy positions within the bound, renoise the rest, self-condition the next step
@@ -567,7 +568,7 @@ def _stable(history, argmax, s: int):
 
 
 def commit_canvas(argmax, finished, eos_ids, pad):
-    """The draft [B, C] becomes the committed canvas: -> (tokens [B, C], finished [B]).
+    """The draft [B, C] becomes the committed canvas: -> (tokens [B, C], finished [B])  (§S8, §S14, §S16).
 
     A row that meets a stop id is finished; after its first stop id the canvas is pad, and a row finished
     in an earlier canvas commits pad only.
