@@ -19,6 +19,7 @@ With thinking on, the model writes `<|channel>thought\\n{reasoning}<channel|>` b
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from datetime import datetime
@@ -114,6 +115,8 @@ class ChatTemplate:
                                text=True, encoding="utf-8", errors="replace", timeout=RENDER_SECONDS)
         except subprocess.TimeoutExpired:
             raise MinidiffError(f"{self.origin}: rendering took longer than {RENDER_SECONDS} s (stopped)")
+        if p.returncode in (-signal.SIGXCPU, -signal.SIGKILL) and not p.stdout:   # its CPU-time limit
+            raise MinidiffError(f"{self.origin}: rendering took longer than {RENDER_SECONDS} s (stopped)")
         try:
             reply = json.loads(p.stdout)
         except ValueError:
@@ -128,7 +131,8 @@ def _render_in_child() -> None:
     try:
         import resource
         resource.setrlimit(resource.RLIMIT_AS, (RENDER_MEMORY, RENDER_MEMORY))
-        resource.setrlimit(resource.RLIMIT_CPU, (RENDER_SECONDS, RENDER_SECONDS + 1))
+        # a backstop behind the parent's wall-clock timeout, which normally fires first
+        resource.setrlimit(resource.RLIMIT_CPU, (RENDER_SECONDS + 1, RENDER_SECONDS + 2))
     except (ImportError, ValueError, OSError):
         pass                                          # not on this platform: the parent's timeout remains
     out = {}
