@@ -68,7 +68,7 @@ def reference(dtype, pairs, seed):
         ids = np.array(p + r, dtype=np.int64)
         x0 = ids[len(p) + int(b[i]) * L:][:L]
         draws.append((ids, int(b[i]), np.where(cor[i].numpy(), noise[i].numpy(), x0), bool(use[i]), len(p)))
-    return float(dec), float(enc), grads, draws
+    return float(dec.detach()), float(enc.detach()), grads, draws
 
 
 def minidiff_batch(dtype, draws):
