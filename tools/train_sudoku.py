@@ -1,0 +1,139 @@
+"""Train a small DiffusionGemma to solve Sudoku with `minidiff train`, and evaluate it (work in progress:
+no shipped Sudoku model yet; see docs/training.md).
+
+The layout: the prompt is `<bos><|turn>` + the 81 cells (digits, 0 = blank) + `<turn|><|turn>`; the canvas
+(82 tokens) is the 81 digits of the solution + `<turn|>`. Tokens: each digit is the token of its character
+(ids 48–57, their ASCII codes), the Gemma special ids for pad/eos/bos/turns; 128 in all, written as a
+`tokenizers` tokenizer.json. The model: 4 layers (3 sliding, 1 full), hidden 128, 8 experts top-2.
+
+    python tools/train_sudoku.py --out /tmp/sudoku --puzzles 2000 --steps 600 --batch 16   # make, train, eval
+    python tools/train_sudoku.py --out /tmp/sudoku --eval-only --per-bin 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from minidiff import sudoku  # noqa: E402
+
+SPECIAL = {0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>", 105: "<|turn>", 106: "<turn|>"}
+TEMPLATE = "{{ bos_token }}<|turn>{{ messages[0]['content'] }}<turn|><|turn>"
+CANVAS = 82
+TEXT = dict(vocab_size=128, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=32, global_head_dim=64, num_global_key_value_heads=1,
+            sliding_window=256, layer_types=["sliding_attention"] * 3 + ["full_attention"], num_experts=8,
+            top_k_experts=2, moe_intermediate_size=64, max_position_embeddings=1024, rms_norm_eps=1e-6,
+            final_logit_softcapping=30.0, pad_token_id=0, bos_token_id=2, eos_token_id=[1, 106],
+            rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                                "rope_theta": 1000000.0}})
+
+
+def make_folder(out: Path) -> None:
+    """tokenizer.json, chat_template.jinja, config.json, generation_config.json and random weights."""
+    from safetensors.numpy import save_file
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    from minidiff.config import parse_config
+    from minidiff.weights import expected_tensors
+    out.mkdir(parents=True, exist_ok=True)
+    def name(i):
+        return SPECIAL.get(i) or (chr(i) if chr(i) in "0123456789." else f"<unused{i}>")
+    vocab = {name(i): i for i in range(128)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL.values()])
+    tok.save(str(out / "tokenizer.json"))
+    (out / "chat_template.jinja").write_text(TEMPLATE + "\n")
+    config = {"architectures": ["DiffusionGemmaForBlockDiffusion"], "model_type": "diffusion_gemma",
+              "canvas_length": CANVAS, "dtype": "float32", "text_config": dict(TEXT, model_type="diffusion_gemma_text"),
+              "bos_token_id": 2, "eos_token_id": [1, 106], "pad_token_id": 0}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "generation_config.json").write_text(json.dumps({
+        "max_new_tokens": CANVAS, "max_denoising_steps": 48, "t_min": 0.4, "t_max": 0.8, "stability_threshold": 1,
+        "confidence_threshold": 0.005, "eos_token_id": [1, 106], "pad_token_id": 0,
+        "sampler_config": {"_cls_name": "EntropyBoundSamplerConfig", "entropy_bound": 0.1}}, indent=2) + "\n")
+    cfg = parse_config(config)
+    rng = np.random.default_rng(0)
+    save_file({n: (0.02 * rng.standard_normal(s)).astype(np.float32) if len(s) >= 2 else np.ones(s, np.float32)
+               for n, s in expected_tensors(cfg).items()}, str(out / "model.safetensors"))
+
+
+def puzzles(n: int, seed: int) -> list:
+    """n (puzzle, solution) text pairs, givens drawn uniformly from 25 to 50."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p, s = sudoku.generate(rng, rng.randint(25, 50))
+        out.append([sudoku.to_text(p), sudoku.to_text(s)])
+    return out
+
+
+def evaluate(folder: Path, items: list, seed: int = 0) -> dict:
+    """Exact-solution and cell accuracy (over the blanks) per difficulty bin, mean denoising steps."""
+    import minidiff
+    from minidiff.chat import ChatTemplate
+    from minidiff.tokenizer import Tokenizer
+    model = minidiff.load(str(folder))
+    tok, tpl = Tokenizer.from_folder(folder), ChatTemplate.from_folder(folder)
+    stats = {}
+    for puzzle, solution in items:
+        p = sudoku.parse(puzzle)
+        ids = tok.encode(tpl.render([{"role": "user", "content": puzzle}]))
+        res = model.generate(ids, seed=seed)
+        answer = [int(t) - 48 if 48 <= t <= 57 else 0 for t in res.tokens[0][:81]]     # the digits' tokens
+        blanks = [i for i in range(81) if not p[i]]
+        b = stats.setdefault(sudoku.difficulty(p), {"n": 0, "solved": 0, "cells": 0.0, "steps": 0})
+        b["n"] += 1
+        b["solved"] += sudoku.check(p, answer)
+        b["cells"] += sum(answer[i] == int(solution[i]) for i in blanks) / max(1, len(blanks))
+        b["steps"] += res.steps_per_canvas[0]
+    return {k: {"puzzles": v["n"], "exact": v["solved"] / v["n"], "cell_accuracy": v["cells"] / v["n"],
+                "mean_steps": v["steps"] / v["n"]} for k, v in stats.items()}
+
+
+def main():
+    from minidiff.train.trainer import Progress, Settings, train
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--puzzles", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--per-bin", type=int, default=20, help="evaluation puzzles per difficulty bin")
+    ap.add_argument("--eval-only", action="store_true")
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out)
+    base, run = out / "init", out / "run"
+    if not args.eval_only:
+        if not args.resume:
+            make_folder(base)
+            t = time.perf_counter()
+            data = puzzles(args.puzzles, seed=1)
+            (out / "train.json").write_text(json.dumps({"pairs": data}))
+            print(f"{len(data)} training puzzles in {time.perf_counter() - t:.0f} s", flush=True)
+        s = Settings(steps=args.steps, batch=args.batch, lr=args.lr, save_every=50)
+        train(base, out / "train.json", run, s, resume=args.resume, from_scratch=not args.resume, progress=Progress())
+    rng = random.Random(99)
+    items = []
+    for name, lo, hi in sudoku.BINS:
+        for _ in range(args.per_bin):
+            p, s = sudoku.generate(rng, rng.randint(max(lo, 24), min(hi, 50)))
+            items.append([sudoku.to_text(p), sudoku.to_text(s)])
+    report = evaluate(run, items)
+    print(json.dumps(report, indent=1))
+    (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
