@@ -99,53 +99,67 @@ class ChatTemplate:
     def render(self, messages: list[dict], add_generation_prompt: bool = True, enable_thinking: bool = False,
                tools: list | None = None, max_chars: int = RENDER_CHARS, **extra) -> str:
         """messages [{"role": "system"|"user"|"assistant", "content": str}, ...] -> the prompt string."""
-        for m in messages:
-            if not isinstance(m, dict) or "role" not in m:
-                raise MinidiffError("chat messages must be objects with a 'role'")
-        job = dict(source=self.source, max_chars=int(max_chars),
-                   kwargs=dict(messages=messages, add_generation_prompt=add_generation_prompt,
-                               enable_thinking=enable_thinking, tools=tools, bos_token=self.bos_token,
-                               eos_token=self.eos_token, **extra))
+        return self.render_many([messages], add_generation_prompt, enable_thinking, tools, max_chars, **extra)[0]
+
+    def render_many(self, conversations: list, add_generation_prompt: bool = True, enable_thinking: bool = False,
+                    tools: list | None = None, max_chars: int = RENDER_CHARS, **extra) -> list[str]:
+        """Several conversations rendered in one sandboxed process (training data: thousands of prompts).
+        The limits: RENDER_SECONDS of time per 100 conversations, the memory cap, max_chars each."""
+        for messages in conversations:
+            for m in messages:
+                if not isinstance(m, dict) or "role" not in m:
+                    raise MinidiffError("chat messages must be objects with a 'role'")
+        seconds = RENDER_SECONDS * max(1, -(-len(conversations) // 100))
+        job = dict(source=self.source, max_chars=int(max_chars), seconds=seconds,
+                   kwargs=[dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                                enable_thinking=enable_thinking, tools=tools, bos_token=self.bos_token,
+                                eos_token=self.eos_token, **extra) for messages in conversations])
         try:
             job_text = json.dumps(job, ensure_ascii=True)
         except (TypeError, ValueError) as e:
             raise MinidiffError(f"chat messages must be JSON data ({e})")
         try:
             p = subprocess.run([sys.executable, "-m", "minidiff.chat"], input=job_text, capture_output=True,
-                               text=True, encoding="utf-8", errors="replace", timeout=RENDER_SECONDS)
+                               text=True, encoding="utf-8", errors="replace", timeout=seconds)
         except subprocess.TimeoutExpired:
-            raise MinidiffError(f"{self.origin}: rendering took longer than {RENDER_SECONDS} s (stopped)")
+            raise MinidiffError(f"{self.origin}: rendering took longer than {seconds} s (stopped)")
         if p.returncode in (-signal.SIGXCPU, -signal.SIGKILL) and not p.stdout:   # its CPU-time limit
-            raise MinidiffError(f"{self.origin}: rendering took longer than {RENDER_SECONDS} s (stopped)")
+            raise MinidiffError(f"{self.origin}: rendering took longer than {seconds} s (stopped)")
         try:
             reply = json.loads(p.stdout)
         except ValueError:
             reply = {"error": "rendering failed (the rendering process ran out of memory or crashed)"}
         if "error" in reply:
             raise MinidiffError(f"{self.origin}: {reply['error']}")
-        return reply["text"]
+        return reply["texts"]
 
 
 def _render_in_child() -> None:
-    """The rendering process (`python -m minidiff.chat`): a job as JSON on stdin, {"text"} or {"error"}."""
+    """The rendering process (`python -m minidiff.chat`): a job as JSON on stdin (written by the parent, not
+    by the model folder), {"texts": [...]} or {"error"} on stdout."""
+    job = json.loads(sys.stdin.read())
+    seconds = int(job.get("seconds", RENDER_SECONDS))
     try:
         import resource
         resource.setrlimit(resource.RLIMIT_AS, (RENDER_MEMORY, RENDER_MEMORY))
         # a backstop behind the parent's wall-clock timeout, which normally fires first
-        resource.setrlimit(resource.RLIMIT_CPU, (RENDER_SECONDS + 1, RENDER_SECONDS + 2))
+        resource.setrlimit(resource.RLIMIT_CPU, (seconds + 1, seconds + 2))
     except (ImportError, ValueError, OSError):
         pass                                          # not on this platform: the parent's timeout remains
     out = {}
     try:
-        job = json.loads(sys.stdin.read())
         limit = job["max_chars"]
-        parts, n = [], 0
-        for piece in _environment().from_string(job["source"]).generate(**job["kwargs"]):
-            n += len(piece)
-            if n > limit:
-                raise MinidiffError(f"rendered prompt is longer than {limit} characters (stopped)")
-            parts.append(piece)
-        out["text"] = "".join(parts)
+        template = _environment().from_string(job["source"])
+        texts = []
+        for kwargs in job["kwargs"]:
+            parts, n = [], 0
+            for piece in template.generate(**kwargs):
+                n += len(piece)
+                if n > limit:
+                    raise MinidiffError(f"rendered prompt is longer than {limit} characters (stopped)")
+                parts.append(piece)
+            texts.append("".join(parts))
+        out["texts"] = texts
     except MinidiffError as e:
         out["error"] = str(e)
     except MemoryError:

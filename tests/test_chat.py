@@ -101,3 +101,13 @@ def test_format_reply_hides_or_shows():
 
 def test_response_ids_cut_at_the_first_stop():
     assert response_ids([5, 6, 0, 7, 106, 8, 1], {1, 106, 50}, 0) == [5, 6, 7]
+
+
+def test_render_many_equals_render_one_by_one():
+    """Training renders thousands of prompts in one sandboxed process; the texts are those of render()."""
+    from minidiff.chat import ChatTemplate
+    import minidiff
+    tpl = ChatTemplate.from_folder(minidiff.load(None).folder)
+    convs = [[{"role": "user", "content": f"prompt {i}"}] for i in range(250)]
+    many = tpl.render_many(convs)
+    assert len(many) == 250 and many[7] == tpl.render(convs[7]) and many[249] == tpl.render(convs[249])

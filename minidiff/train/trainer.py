@@ -54,9 +54,10 @@ def encode_pairs(pairs, folder, canvas: int, max_canvases: int):
     from ..chat import ChatTemplate
     from ..tokenizer import Tokenizer
     tok, tpl = Tokenizer.from_folder(folder), ChatTemplate.from_folder(folder)
+    prompts = tpl.render_many([[{"role": "user", "content": prompt}] for prompt, _ in pairs])
     out = []
-    for prompt, answer in pairs:
-        p = tok.encode(tpl.render([{"role": "user", "content": prompt}]))
+    for (prompt, answer), text in zip(pairs, prompts):
+        p = tok.encode(text)
         r = tok.encode(answer) + [TURN_END]
         n = math.ceil(len(r) / canvas)
         if n > max_canvases:
