@@ -78,3 +78,30 @@ def test_cli_refusals(tmp_path, data):
     assert code == 2 and "--resume continues it" in err
     code, err = run("--data", str(data), "--out", str(tmp_path / "o"), "--lr", "nan")
     assert code == 2 and "--lr" in err
+
+
+def test_adamw_and_schedule_equal_torch():
+    """adamw_step (clipping + AdamW with bias correction, decoupled decay) against torch.optim.AdamW with
+    clip_grad_norm_, and lr_at against the LambdaLR schedule of tools/train_default_model.py."""
+    torch = pytest.importorskip("torch")
+    import math
+    from minidiff.train.trainer import adamw_step, lr_at
+    s = Settings(steps=10, lr=1e-2, warmup=3, weight_decay=0.1, clip=0.5)
+    rng = np.random.default_rng(0)
+    params = {"a": rng.standard_normal((3, 4)), "b": rng.standard_normal(5)}
+    tp = {k: torch.tensor(v.copy(), requires_grad=True) for k, v in params.items()}
+    opt = torch.optim.AdamW(tp.values(), lr=s.lr, betas=s.betas, eps=s.eps, weight_decay=s.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / s.warmup) * (
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, k / s.steps)))))
+    state = {}
+    for step in range(6):
+        grads = {k: rng.standard_normal(v.shape) for k, v in params.items()}
+        assert abs(lr_at(step, s) - sched.get_last_lr()[0]) < 1e-15
+        adamw_step(np, params, grads, state, step, lr_at(step, s), s)
+        for k, g in grads.items():
+            tp[k].grad = torch.tensor(g)
+        torch.nn.utils.clip_grad_norm_(tp.values(), s.clip)
+        opt.step()
+        sched.step()
+    for k in params:
+        np.testing.assert_allclose(params[k], tp[k].detach().numpy(), rtol=1e-10, atol=1e-12)

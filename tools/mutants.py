@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 FORWARD = ["tests/test_golden.py", "tests/test_ops.py", "tests/test_cpu_fast.py", "tests/test_model_oracle.py"]
+TRAIN = ["tests/test_train_ops.py", "tests/test_train_layer.py", "tests/test_train_objective.py", "tests/test_train.py"]
 ORACLE = ["tests/test_trace.py", "tests/test_compare.py", "tests/test_golden.py", "tests/test_trace_oracle.py"]
 SAMPLER = ["tests/test_sampler.py", "tests/test_sampler_mocks.py", "tests/test_golden_trajectory.py",
            "tests/test_generate_oracle.py", "tests/test_trajectory.py", "tests/test_sampler_minimal.py"]
@@ -128,6 +129,14 @@ MUTANTS = [
     M("gpu-plan-token", "GPU: a sorted row reads the wrong token", "minidiff/gpu.py",
       "return RoutePlan(order, (order // k).astype(xp.int32)", "return RoutePlan(order, (order % T).astype(xp.int32)",
       ["tests/test_gpu_host.py"]),
+    M("rmsnorm-backward-no-projection", "training: RMSNorm's backward without the normalisation term",
+      "minidiff/train/ops.py", "dx = r * (dn - n * xp.mean(dn * n, axis=-1, keepdims=True))", "dx = r * dn", TRAIN),
+    M("decoder-grad-stops-at-cache", "training: the denoiser's gradient does not reach the encoder's cache",
+      "minidiff/train/objective.py", "        dkeys[i][a:a + dpk.shape[0]] += dpk\n", "", TRAIN),
+    M("adamw-no-bias-correction", "training: AdamW without bias correction", "minidiff/train/trainer.py",
+      "m_hat, v_hat = m / (1 - b1 ** (step + 1)), v / (1 - b2 ** (step + 1))", "m_hat, v_hat = m, v", TRAIN),
+    M("resume-reseeds", "training: a resumed run draws from a fresh generator", "minidiff/train/trainer.py",
+      '        rng.bit_generator.state = meta["rng"]\n', "", TRAIN),
     M("portable-rng-half-dropped", "portable randomness: the buffered 32-bit half discarded",
       "minidiff/portable_rng.py", "        self.half = x >> 32\n", "        self.half = None\n",
       ["tests/test_portable_rng.py", "tests/test_trajectory.py"]),
