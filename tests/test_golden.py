@@ -4,7 +4,6 @@ is covered). Every tensor of the trace schema (docs/trace.md) must agree to 1e-4
 
 from pathlib import Path
 
-import numpy as np
 from safetensors import safe_open
 
 import minidiff

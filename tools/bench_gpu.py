@@ -110,15 +110,13 @@ def ceilings() -> dict:
     bw = 2 * a.nbytes / (ms / 1e3)                                     # bytes read + written
     m = cp.random.standard_normal((8192, 8192)).astype(cp.float16)
     ms_mm = timed(lambda: m @ m, reps=10)
-    del a, b
     return {"copy_gb_s": bw / 1e9, "matmul_f16_tflop_s": 2 * 8192 ** 3 / (ms_mm / 1e3) / 1e12}
 
 
 def floor_ms(cfg, fmt: str, ceil: dict) -> float:
     """Bytes every step must read (experts: all of them at 2048 assignments; dense; the embedding twice:
     head and self-conditioning) over bandwidth, vs its FLOPs over the matmul rate: the larger."""
-    L, H, V, E, Ie, I = (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, cfg.num_experts,
-                         cfg.moe_intermediate_size, cfg.intermediate_size)
+    L, H, V, E, Ie = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, cfg.num_experts, cfg.moe_intermediate_size
     expert_w = L * E * 3 * Ie * H
     dense_w = sum(int(np.prod(s)) for n, s in expected_tensors(cfg).items()
                   if len(s) == 2 and "embed" not in n)
@@ -189,9 +187,7 @@ def bench(cfg, fmt: str, P: int, ceil: dict) -> dict:
     row["step_over_floor"] = row["step_ms"] / row["floor_step_ms"]
     row["profile"] = profile_step(model, canvas, cache, sc)
     row["peak_gb"] = pool.total_bytes() / 1e9
-    del model, cache, sc
-    pool.free_all_blocks()
-    return row
+    return row                                  # (the caller frees the pool once this frame is gone)
 
 
 def main():
@@ -211,6 +207,7 @@ def main():
     for fmt in args.formats.split(","):
         for P in [int(p) for p in args.contexts.split(",")]:
             rows.append(bench(cfg, fmt, P, ceil))
+            cp.get_default_memory_pool().free_all_blocks()
             r = rows[-1]
             print(f"{fmt:<5} P={P:<5} prefill {r['prefill_ms']:8.1f} ms  step {r['step_ms']:7.2f} ms "
                   f"(floor {r['floor_step_ms']:.2f}, ×{r['step_over_floor']:.1f})  sampler {r['sampler_ms']:5.2f} ms  "
