@@ -22,6 +22,7 @@ import numpy as np
 from .backend import rowwise
 from .config import ModelConfig
 from .errors import MinidiffError
+from . import native
 from .tensors import expand, is_stored, take_rows
 from .weights import DEC, ENC
 
@@ -182,6 +183,8 @@ def experts(xp, x, idx, weight, gate_up, down, chunk=16):
     """
     if getattr(gate_up, "kernels", False):      # device experts with grouped CUDA kernels (gpu.py)
         return gate_up.run(x, idx, weight, down)
+    if xp is np and (y := native.experts(x, idx, weight, gate_up, down)) is not None:
+        return y                                # 4-bit experts through the CPU kernel (native.py)
     T, k = idx.shape
     E, H = gate_up.shape[0], x.shape[1]
     flat = idx.reshape(-1)                                             # [T*k] expert of each assignment

@@ -37,6 +37,7 @@ SAMPLER = ["tests/test_sampler.py", "tests/test_sampler_mocks.py", "tests/test_g
 FORMATS = ["tests/test_quant.py", "tests/test_cpu_fast.py", "tests/test_quant_ct.py"]
 SAFETY = ["tests/test_hostile.py", "tests/test_bad_inputs.py", "tests/test_loader.py"]
 CLI = ["tests/test_cli_generate.py", "tests/test_hostile.py"]
+NATIVE = ["tests/test_native.py"]
 
 
 @dataclass
@@ -201,6 +202,22 @@ MUTANTS = [
       "    eff = s / np.float32(global_scale)",
       "    s = e4m3_to_f32(scale_bits)                                                # [out, in/16]\n"
       "    eff = s * np.float32(global_scale)", FORMATS),
+    # ---------------------------------------------------------------- the CPU kernel for 4-bit experts
+    M("native-nibble-lanes", "CPU kernel: the high nibble taken as the even input", "minidiff/cpu_kernels/lowbit_matmul.c",
+      "shift = {0, 8, 16, 24, 0, 8, 16, 24, 4, 12, 20, 28, 4, 12, 20, 28}",
+      "shift = {4, 12, 20, 28, 4, 12, 20, 28, 0, 8, 16, 24, 0, 8, 16, 24}", NATIVE),
+    M("native-int4-offset", "CPU kernel: int4 code offset off by one", "minidiff/cpu_kernels/lowbit_matmul.c",
+      "__builtin_convertvector(q - 8, v16)", "__builtin_convertvector(q - 7, v16)", NATIVE),
+    M("native-fp4-magnitude", "CPU kernel: FP4 normal numbers twice too large", "minidiff/cpu_kernels/lowbit_matmul.c",
+      "(2 + m) << e, v16) * 0.25f", "(2 + m) << e, v16) * 0.5f", NATIVE),
+    M("native-fp4-sign", "CPU kernel: FP4 sign read from the wrong bit", "minidiff/cpu_kernels/lowbit_matmul.c",
+      "(q >> 3) << 31", "(q >> 2) << 31", NATIVE),
+    M("native-scale-group", "CPU kernel: inputs scaled by the next group's scale", "minidiff/cpu_kernels/lowbit_matmul.c",
+      "group_scale(f, m, row, j / per_group)", "group_scale(f, m, row, (j + 8) / per_group % (f->k / f->group))", NATIVE),
+    M("native-no-padding", "CPU kernel: expert runs not padded to the 4-token tile", "minidiff/native.py",
+      "padded = -(-counts // 4) * 4", "padded = counts + 0", NATIVE),
+    M("native-column-order", "CPU kernel: inputs passed in their own order, not the kernel's", "minidiff/native.py",
+      "out[at, :self.k // 2] = a[:, 0::2]", "out[at, :self.k // 2] = a[:, 1::2]", NATIVE),
     M("bf16-truncate", "bf16: narrowing truncates instead of rounding to nearest even", "minidiff/tensors.py",
       "rounded = u + xp.uint32(0x7FFF) + ((u >> 16) & xp.uint32(1))", "rounded = u", FORMATS + ["tests/test_loader.py"]),
     # ---------------------------------------------------------------- untrusted input and the command line

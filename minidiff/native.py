@@ -1,0 +1,286 @@
+"""The one compiled piece of the CPU path: 4-bit experts multiplied without widening them first.
+
+NumPy turns 4-bit codes into float32 in several passes over memory (split the nibbles, cast, scale),
+which costs more than the matrix product that follows and more than widening bf16. `cpu_kernels/
+lowbit_matmul.c` (80 lines of plain C) decodes each weight row into a buffer that stays in cache and
+uses it at once for all the expert's tokens. It is optional: built on first use with the system C
+compiler (`$CC`, else `cc`) into a per-user cache, loaded with ctypes, and skipped -- NumPy does the
+work as before -- when there is no compiler, when `MINIDIFF_NATIVE=0`, or when a weight is in a form it
+does not read. `native.status()` says which.
+
+Only the routed experts go through it, and only while they see few tokens each (a denoiser step: about
+16); a long prefill gives each expert hundreds of tokens, where the BLAS on widened weights is faster.
+The results equal "dequantize, then X @ W.T" up to the order of the float32 additions
+(tests/test_native.py).
+"""
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .backend import num_threads, parallel
+
+SOURCE = Path(__file__).with_name("cpu_kernels") / "lowbit_matmul.c"
+MAX_TOKENS_PER_EXPERT = 64      # above this (a long prefill) widening + BLAS is faster
+ROWS_PER_ITEM = 32              # rows of one matrix per work item: small enough to balance the threads
+
+SCALE_KINDS = {"F32": 0, "BF16": 1, "E4M3": 2}
+# -ffp-contract=fast: multiply-adds as FMA instructions (ISO C mode turns that off; the BLAS uses them too)
+FLAGS = ["-O3", "-ffp-contract=fast", "-std=c11", "-shared", "-fPIC"]
+
+
+class Format(ctypes.Structure):
+    _fields_ = [("e4m3", ctypes.c_void_p), ("fp4", ctypes.c_int32), ("scale_kind", ctypes.c_int32),
+                ("k", ctypes.c_int64), ("kp", ctypes.c_int64), ("group", ctypes.c_int64)]
+
+
+class Matrix(ctypes.Structure):
+    _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("code_stride", ctypes.c_int64),
+                ("out_col", ctypes.c_int64), ("scale_div", ctypes.c_float), ("scale_mul", ctypes.c_float)]
+
+
+# ----------------------------------------------------------------------------------------------
+# building and loading the library
+
+_LIB = None
+_STATUS = "not tried"
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "minidiff" / "native"
+
+
+def _cpu_id() -> str:
+    """What -march=native depends on: the CPU's model and flags (a cache shared by two machines keeps two builds)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [ln for ln in f.read(1 << 20).splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _build(cc: str, out: Path) -> str | None:
+    """Compile SOURCE into `out` (atomically); None on success, else why not."""
+    out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for flags in (["-march=native"], []):           # a compiler without -march=native still builds it
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            r = subprocess.run([cc, *FLAGS, *flags, str(SOURCE), "-o", tmp],
+                               capture_output=True, text=True, timeout=120)
+            if r.returncode == 0:
+                os.replace(tmp, out)
+                return None
+            why = (r.stderr.strip().splitlines() or ["failed"])[-1]
+        except (OSError, subprocess.TimeoutExpired) as e:
+            why = f"{type(e).__name__}"
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return f"{cc} could not build {SOURCE.name}: {why}"
+
+
+def library():
+    """The loaded kernel library, or None (then `status()` says why). Built once per machine and source."""
+    global _LIB, _STATUS
+    if _LIB is not None or _STATUS != "not tried":
+        return _LIB
+    if os.environ.get("MINIDIFF_NATIVE", "1") == "0":
+        _STATUS = "off (MINIDIFF_NATIVE=0)"
+        return None
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        _STATUS = "off (no C compiler: set CC or install one)"
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    path = _cache_dir() / f"lowbit_matmul-{key}.so"
+    if not path.exists():
+        why = _build(cc, path)
+        if why:
+            _STATUS = f"off ({why})"
+            return None
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        _STATUS = f"off (could not load {path}: {e})"
+        return None
+    lib.lowbit_matmul.restype = ctypes.c_int
+    lib.lowbit_matmul.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    _LIB, _STATUS = lib, f"on ({path.name})"
+    return lib
+
+
+def status() -> str:
+    library()
+    return _STATUS
+
+
+def reset():
+    """Forget the loaded library (tests switch MINIDIFF_NATIVE / CC)."""
+    global _LIB, _STATUS
+    _LIB, _STATUS = None, "not tried"
+
+
+# ----------------------------------------------------------------------------------------------
+# describing a stored expert tensor to the kernel
+
+
+class Plan:
+    """All matrices of one 4-bit expert tensor (quant.QuantExperts) as the kernel reads them: matrix
+    e * P + p is part p (gate, up; or down) of expert e. Built once per tensor; holds the arrays it points at."""
+
+    def __init__(self, experts):
+        from . import quant
+        first = experts.parts[0]
+        self.P = len(first)
+        self.rows = int(experts.shape[1])
+        self.k = k = int(experts.shape[2])
+        self.kp = -(-k // 16) * 16
+        fmt = _format_of(first[0])
+        self.keep = [quant.E4M3]
+        self.blocks = []                                           # (part, first row, end row) of one expert
+        mats = []
+        for e, parts in enumerate(experts.parts):
+            col = 0
+            for p, w in enumerate(parts):
+                if _format_of(w) != fmt or w.shape[1] != k:
+                    raise ValueError("mixed formats")
+                codes, scales, stride, div, mul = _arrays(w)
+                self.keep += [codes, scales]
+                mats.append((codes.ctypes.data, scales.ctypes.data, stride, col, div, mul))
+                if e == 0:
+                    self.blocks += [(p, r, min(r + ROWS_PER_ITEM, w.shape[0])) for r in range(0, w.shape[0], ROWS_PER_ITEM)]
+                col += w.shape[0]
+        self.matrices = (Matrix * len(mats))(*[Matrix(*m) for m in mats])
+        self.format = Format(quant.E4M3.ctypes.data, fmt[0] == "nvfp4", SCALE_KINDS[fmt[1]], k, self.kp, fmt[2])
+        self.blocks = np.array(self.blocks, dtype=np.int64).reshape(-1, 3)
+
+    def columns(self, a, rows=None):
+        """a [n, k] -> [n, kp] in the kernel's column order: the even inputs, the odd ones, zeros
+        (rows: where each row of a goes; default in order)."""
+        n = a.shape[0] if rows is None else int(rows[1])
+        out = aligned_zeros((n, self.kp))
+        at = slice(None) if rows is None else rows[0]
+        out[at, :self.k // 2] = a[:, 0::2]
+        out[at, self.k // 2:self.k] = a[:, 1::2]
+        return out
+
+    def run(self, X, Y, active, start, padded):
+        """Y[start[e]:start[e] + padded[e], :] = X[same rows] @ W_eᵀ for the experts `active`, over the threads."""
+        nb = len(self.blocks)
+        items = np.empty((len(active), nb, 5), dtype=np.int64)
+        items[:, :, 0] = active[:, None] * self.P + self.blocks[:, 0]
+        items[:, :, 1:3] = self.blocks[:, 1:]
+        items[:, :, 3] = start[active][:, None]
+        items[:, :, 4] = padded[active][:, None]
+        items = items.reshape(-1, 5)
+        cost = np.cumsum((items[:, 2] - items[:, 1]) * items[:, 4])
+        n = num_threads()
+        cuts = np.searchsorted(cost, cost[-1] * np.arange(1, n) / n) if len(items) else []
+        pieces = [p for p in np.split(np.arange(len(items)), cuts) if len(p)]
+        lib = library()
+
+        def call(ids):
+            part = np.ascontiguousarray(items[ids[0]:ids[-1] + 1])
+            rc = lib.lowbit_matmul(len(part), part.ctypes.data, ctypes.addressof(self.matrices),
+                                   ctypes.addressof(self.format), X.ctypes.data, Y.ctypes.data, Y.shape[1])
+            if rc:
+                raise MemoryError("lowbit_matmul: out of memory") if rc == 1 else ValueError("lowbit_matmul: bad items")
+        parallel(call, pieces)
+
+
+def aligned_zeros(shape):
+    """np.zeros(shape, float32) starting on a 64-byte boundary (a cache line: whole-vector loads stay in one)."""
+    n = int(np.prod(shape))
+    raw = np.zeros(n + 16, dtype=np.float32)
+    skip = (-raw.ctypes.data % 64) // 4
+    return raw[skip:skip + n].reshape(shape)
+
+
+def _format_of(w):
+    """(format, scale kind, group) of a 4-bit Linear, or None when the kernel does not read it."""
+    from . import quant
+    if w.shape[1] % 2:
+        return None
+    if isinstance(w, quant.Int4Weight) and w.scale_dtype in ("F32", "BF16") and w.group_size % 16 == 0:
+        return ("int4", w.scale_dtype, int(w.group_size))
+    if isinstance(w, quant.NVFP4Weight):
+        return ("nvfp4", "E4M3", quant.NVFP4_GROUP)
+    return None
+
+
+def _arrays(w):
+    """(codes uint8 [rows, stride], scales, stride, scale_div, scale_mul) of a 4-bit Linear whose scales
+    are all finite (checked here once, as the NumPy path checks them at every use)."""
+    from . import quant
+    if isinstance(w, quant.Int4Weight):
+        w._scale(slice(None))                                      # raises on a non-finite scale
+        codes = np.ascontiguousarray(w.packed).view(np.uint8)
+        scales = np.ascontiguousarray(w.scale_raw)
+        return codes, scales, codes.shape[1], 0.0, 1.0
+    s = quant.e4m3_to_f32(w.scale_bits)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):    # reported just below
+        eff = s / np.float32(w.global_scale) if w.global_scale is not None else s * np.float32(w.scale_2)
+    quant._check_finite(eff, w.name, w.where)
+    codes = np.ascontiguousarray(w.packed, dtype=np.uint8)
+    div, mul = (float(np.float32(w.global_scale)), 1.0) if w.global_scale is not None else (0.0, float(np.float32(w.scale_2)))
+    return codes, np.ascontiguousarray(w.scale_bits, dtype=np.uint8), codes.shape[1], div, mul
+
+
+def plan(experts):
+    """The kernel's Plan for a stored expert tensor, or None when it does not apply (cached on the tensor)."""
+    from . import quant
+    if not isinstance(experts, quant.QuantExperts) or library() is None:
+        return None
+    if not hasattr(experts, "_native_plan"):
+        try:
+            experts._native_plan = Plan(experts) if _format_of(experts.parts[0][0]) else None
+        except ValueError:
+            experts._native_plan = None
+    return experts._native_plan
+
+
+def experts(x, idx, weight, gate_up, down):
+    """model.experts for 4-bit stored experts, through the kernel; None when it does not apply (then the
+    caller widens and uses the BLAS). Tokens are grouped by expert as there, each expert's run padded with
+    zero rows to a multiple of 4 (the kernel's token tile)."""
+    T, k = idx.shape
+    E, H = gate_up.shape[0], x.shape[1]
+    if x.dtype != np.float32 or T * k > MAX_TOKENS_PER_EXPERT * E:
+        return None
+    gu_plan, down_plan = plan(gate_up), plan(down)
+    if gu_plan is None or down_plan is None:
+        return None
+    from .model import gelu_tanh
+    flat = idx.reshape(-1)
+    order = np.argsort(flat, kind="stable")                            # assignments grouped by expert
+    counts = np.bincount(flat, minlength=E)                            # [E]
+    if counts.max() > 4 * MAX_TOKENS_PER_EXPERT:
+        return None
+    padded = -(-counts // 4) * 4
+    start = np.cumsum(padded) - padded                                 # [E] first row of each expert's run
+    e = flat[order]
+    row = start[e] + np.arange(T * k) - (np.cumsum(counts) - counts)[e]  # row of assignment order[i]
+    active = np.flatnonzero(counts)
+    N = int(padded.sum())
+    X = gu_plan.columns(x[order // k], (row, N))                       # [N, kp >= H]
+    GU = np.empty((N, gu_plan.rows), dtype=np.float32)                 # [N, 2Ie]
+    gu_plan.run(X, GU, active, start, padded)
+    ie = gu_plan.rows // 2
+    A = down_plan.columns(gelu_tanh(np, GU[:, :ie]) * GU[:, ie:])      # [N, kp >= Ie]
+    Y = np.empty((N, down_plan.rows), dtype=np.float32)                # [N, H]
+    down_plan.run(A, Y, active, start, padded)
+    y = np.empty((T * k, H), dtype=np.float32)
+    y[order] = Y[row]
+    y *= weight.reshape(-1, 1)                                         # routing weights
+    return y.reshape(T, k, H).sum(axis=1)                              # [T, H]
