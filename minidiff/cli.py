@@ -22,6 +22,7 @@ COMMANDS = {
     "trace": ("minidiff.trace", "write every intermediate tensor of one input (encoder, denoiser, commit, KV cache)"),
     "compare": ("minidiff.compare", "compare two traces (or a trace and another runtime's dump), layer by layer"),
     "train": ("minidiff.train.trainer", "train or fine-tune on (prompt, answer) pairs with minidiff's own gradients"),
+    "sudoku": ("minidiff.cli_sudoku", "solve Sudoku puzzles with a Sudoku-trained model (live grid on a terminal)"),
     "quantize": ("minidiff.quantize", "convert a bf16/fp32 checkpoint to an int4 (W4A16) checkpoint"),
 }
 

@@ -1,9 +1,10 @@
-"""CPU benchmark at the release's real width: minidiff (bf16, int4) vs transformers (fp32, bf16), same machine.
+"""CPU benchmark at the release's real width: minidiff (bf16, int4, NVFP4) vs transformers (fp32, bf16), same machine.
 
 The release is too large for this benchmark's machines, so it builds a 2-layer checkpoint with the release's
 real widths (hidden 2816, 16 heads, head dim 256 sliding / 512 full, 128 experts top-8 of width 704, dense
 MLP 2112, vocab 262144; one sliding and one full layer; random weights, bf16 on disk) with transformers,
-and an int4 copy of it with `minidiff quantize`. Each engine then runs in its own process (so each one's
+and int4 and NVFP4 copies of it with `minidiff quantize` (minidiff-int4-numpy runs the int4 copy with
+MINIDIFF_NATIVE=0: the experts widened by NumPy instead of the CPU kernel). Each engine then runs in its own process (so each one's
 peak RSS is its own) with the same number of threads, and times, as medians of `--repeats` runs:
 
   prefill 1024        encoder pass over a 1024-token prompt
@@ -68,10 +69,11 @@ def peak_rss_gb() -> float:
 def worker_minidiff(folder, repeats, long_prefill):
     import numpy as np
     import minidiff
+    from minidiff import native
     model = minidiff.load(folder)
     V, C = model.config.vocab_size, 256
     rng = np.random.default_rng(0)
-    out = {"load_rss_gb": peak_rss_gb()}
+    out = {"load_rss_gb": peak_rss_gb(), "cpu_kernel": native.status()}
     canvas = rng.integers(0, V, C)
     for kind, L, sc in CASES:
         prompt = rng.integers(0, V, L)
@@ -135,8 +137,8 @@ def worker_transformers(folder, dtype, repeats):
     return out
 
 
-def build(folder: Path, int4: Path):
-    """The 2-layer real-width checkpoint (bf16) and its int4 copy, unless already there."""
+def build(folder: Path, int4: Path, nvfp4: Path):
+    """The 2-layer real-width checkpoint (bf16) and its int4 and NVFP4 copies, unless already there."""
     if not (folder / "config.json").is_file():
         import torch
         sys.path.insert(0, str(ROOT / "tests"))
@@ -148,11 +150,15 @@ def build(folder: Path, int4: Path):
     if not (int4 / "config.json").is_file():
         print(f"quantizing to {int4} (minidiff quantize defaults: int4, group 32, all linears) ...", flush=True)
         subprocess.run([sys.executable, "-m", "minidiff.cli", "quantize", str(folder), str(int4)], check=True)
+    if not (nvfp4 / "config.json").is_file():
+        print(f"quantizing to {nvfp4} (minidiff quantize --format nvfp4) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "minidiff.cli", "quantize", str(folder), str(nvfp4), "--format", "nvfp4"],
+                       check=True)
 
 
-def run_worker(args, name, *params):
+def run_worker(args, name, *params, env_extra=None):
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), OPENBLAS_NUM_THREADS=str(args.threads),
-               MKL_NUM_THREADS=str(args.threads), MINIDIFF_THREADS=str(args.threads))
+               MKL_NUM_THREADS=str(args.threads), MINIDIFF_THREADS=str(args.threads), **(env_extra or {}))
     cmd = [sys.executable, __file__, "--worker", name, "--repeats", str(args.repeats), *map(str, params)]
     print(f"  {name} {' '.join(map(str, params))} ...", flush=True)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -184,26 +190,34 @@ def main():
         return
 
     base = Path(args.dir)
-    bf16, int4 = base / "bf16", base / "int4"
-    build(bf16, int4)
+    bf16, int4, nvfp4 = base / "bf16", base / "int4", base / "nvfp4"
+    build(bf16, int4, nvfp4)
     skip = set(filter(None, args.skip.split(",")))
+    numpy_only = {"MINIDIFF_NATIVE": "0"}      # the 4-bit experts widened by NumPy, as before the CPU kernel
     engines = {
         "minidiff-bf16": ("minidiff", bf16, args.long),
         "minidiff-int4": ("minidiff", int4, 0),
+        "minidiff-nvfp4": ("minidiff", nvfp4, 0),
+        "minidiff-int4-numpy": ("minidiff", int4, 0, numpy_only),
         "transformers-fp32": ("transformers", bf16, "float32"),
         "transformers-bf16": ("transformers", bf16, "bfloat16"),
     }
-    results = {name: run_worker(args, w, *p) for name, (w, *p) in engines.items() if name not in skip}
+    results = {name: run_worker(args, w, *[p for p in ps if not isinstance(p, dict)],
+                                env_extra=next((p for p in ps if isinstance(p, dict)), None))
+               for name, (w, *ps) in engines.items() if name not in skip}
     results["minidiff-sampler"] = run_worker(args, "sampler")
 
     keys = [f"prefill_1024_s", "step_c1024_s", "step+sc_c1024_s", "step_c8192_s", "peak_rss_gb"]
     names = [n for n in results if n != "minidiff-sampler"]
     print(f"\n{'':18s}" + "".join(f"{n:>20s}" for n in names))
+    print(f"{'cpu kernel':18s}" + "".join(f"{results[n].get('cpu_kernel', '-')[:18]:>20s}" for n in names))
     for k in keys:
         print(f"{k:18s}" + "".join(f"{results[n].get(k, float('nan')):20.2f}" for n in names))
     ratios = {}
-    for md in ("minidiff-bf16", "minidiff-int4"):
-        for hf in ("transformers-fp32", "transformers-bf16"):
+    for md in ("minidiff-bf16", "minidiff-int4", "minidiff-nvfp4"):
+        for hf in ("transformers-fp32", "transformers-bf16", "minidiff-bf16"):
+            if hf == md:
+                continue
             if md in results and hf in results and "error" not in results[md] and "error" not in results[hf]:
                 ratios[f"{hf}_over_{md}"] = {k: results[hf][k] / results[md][k] for k in keys[:-1]}
     for name, r in ratios.items():
@@ -216,7 +230,8 @@ def main():
         results["minidiff-sampler"]["share_of_2layer_step"] = share
     import numpy as np
     meta = dict(config="2 layers at the release's width (hidden 2816, 128 experts top-8, vocab 262144), "
-                       "random weights, bf16 on disk; int4 = minidiff quantize (defaults: group 32, all linears)",
+                       "random weights, bf16 on disk; int4 = minidiff quantize (defaults: group 32, all linears); "
+                       "nvfp4 = minidiff quantize --format nvfp4; *-numpy: MINIDIFF_NATIVE=0 (no CPU kernel)",
                 threads=args.threads, repeats=args.repeats, statistic="median", numpy=np.__version__,
                 machine=platform.machine(), cpu=_cpu_name(), date=time.strftime("%Y-%m-%d"))
     Path(args.json).write_text(json.dumps({"meta": meta, "results": results, "ratios": ratios}, indent=1))
