@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MinidiffError
+from .quant import dequant_int4
 from .tensors import HalfTensor, Stored, bf16_to_f32, f32_to_bf16_bits
 
 KERNELS = Path(__file__).resolve().parents[1] / "kernels_cuda"
@@ -90,7 +91,7 @@ class DeviceInt4(Stored):
     def expand_into(self, index, out):
         xp = self.xp
         idx = index if isinstance(index, slice) else xp.asarray(index)
-        out[...] = dequant_int4(xp, self.words[idx], self.scales[idx], self.shape[-1]).reshape(out.shape)
+        out[...] = dequant_int4(self.words[idx], self.scales[idx], self.shape[-1], xp).reshape(out.shape)
         return out
 
 
@@ -114,7 +115,7 @@ class DeviceExperts(Stored):
         if self.fmt == "bf16":
             out[...] = bf16_to_f32(self.data[idx]).reshape(out.shape)
         else:
-            out[...] = dequant_int4(xp, self.data[idx], self.scales[idx], self.shape[-1]).reshape(out.shape)
+            out[...] = dequant_int4(self.data[idx], self.scales[idx], self.shape[-1], xp).reshape(out.shape)
         return out
 
     def run(self, x, idx, weight, down: "DeviceExperts"):
@@ -196,16 +197,6 @@ def combine(xp, rows, plan: RoutePlan, T: int, k: int):
     for j in range(1, k):
         out += y[:, j]
     return out
-
-
-def dequant_int4(xp, words, scales, K: int):
-    """words uint32 [..., N, K/8], scales [..., N, K/G] -> float32 [..., N, K] = (code - 8) · s."""
-    shifts = xp.arange(0, 32, 4, dtype=xp.uint32)
-    q = ((words[..., None] >> shifts) & xp.uint32(15)).astype(xp.float32) - 8.0     # [..., N, K/8, 8]
-    q = q.reshape(words.shape[:-1] + (K,))
-    G = K // scales.shape[-1]
-    q = q.reshape(words.shape[:-1] + (scales.shape[-1], G)) * scales[..., None]
-    return q.reshape(words.shape[:-1] + (K,))
 
 
 def moe_reference(x, idx, weight, gate_up, down):

@@ -113,6 +113,8 @@ def library():
     except OSError as e:
         _STATUS = f"off (could not load {path}: {e})"
         return None
+    lib.lowbit_widen.restype = None
+    lib.lowbit_widen.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.lowbit_matmul.restype = ctypes.c_int
     lib.lowbit_matmul.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
@@ -248,6 +250,38 @@ def plan(experts):
         except ValueError:
             experts._native_plan = None
     return experts._native_plan
+
+
+class Widen:
+    """One 4-bit Linear [rows, k] as the kernel reads it, for `lowbit_widen` (quant.py's expand path)."""
+
+    def __init__(self, w):
+        from . import quant
+        fmt = _format_of(w)
+        if fmt is None:
+            raise ValueError("not a form the kernel reads")
+        codes, scales, stride, div, mul = _arrays(w)
+        self.keep = (codes, scales)
+        self.matrix = Matrix(codes.ctypes.data, scales.ctypes.data, stride, 0, div, mul)
+        self.format = Format(quant.E4M3.ctypes.data, fmt[0] == "nvfp4", SCALE_KINDS[fmt[1]], w.shape[1],
+                             -(-w.shape[1] // 16) * 16, fmt[2])
+
+    def __call__(self, rows: slice, out: np.ndarray) -> None:
+        assert out.flags.c_contiguous and out.dtype == np.float32 and out.shape[1] == self.format.k
+        library().lowbit_widen(ctypes.addressof(self.matrix), ctypes.addressof(self.format),
+                               rows.start, rows.stop, out.ctypes.data)
+
+
+def widener(w):
+    """A Widen for a 4-bit Linear, or None (then NumPy widens it); cached on the weight."""
+    if library() is None:
+        return None
+    if not hasattr(w, "_native_widen"):
+        try:
+            w._native_widen = Widen(w)
+        except ValueError:
+            w._native_widen = None
+    return w._native_widen
 
 
 def experts(x, idx, weight, gate_up, down):

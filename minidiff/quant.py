@@ -75,6 +75,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import native
 from .errors import MinidiffError
 from .tensors import Stored, bf16_to_f32, f32_to_bf16_bits  # noqa: F401  (quantize.py uses it)
 
@@ -103,14 +104,14 @@ def pack_int4(q: np.ndarray) -> np.ndarray:
     return packed.view(np.int32)
 
 
-def unpack_int4(packed: np.ndarray, n: int) -> np.ndarray:
-    """int32 [..., ceil(n / 8)] -> int8 [..., n] in [-8, 7] (the inverse of `pack_int4`)."""
-    packed = np.asarray(packed)
-    if packed.dtype != np.int32 or packed.shape[-1] != -(-n // 8):
+def unpack_int4(packed, n: int, xp=np):
+    """int32 (or uint32) words [..., ceil(n / 8)] -> int8 [..., n] in [-8, 7] (the inverse of `pack_int4`);
+    xp: the array module of `packed` (NumPy or CuPy)."""
+    if packed.dtype not in (xp.int32, xp.uint32) or packed.shape[-1] != -(-n // 8):
         raise ValueError(f"unpack_int4: expected int32 [..., {-(-n // 8)}], got {packed.dtype} {list(packed.shape)}")
-    u = np.ascontiguousarray(packed).view(np.uint32)[..., None]        # [..., words, 1]
-    shifts = np.arange(0, 32, 4, dtype=np.uint32)
-    codes = ((u >> shifts) & 0xF).astype(np.int8)                       # [..., words, 8]
+    u = xp.ascontiguousarray(packed).view(xp.uint32)[..., None]        # [..., words, 1]
+    shifts = xp.arange(0, 32, 4, dtype=xp.uint32)
+    codes = ((u >> shifts) & 0xF).astype(xp.int8)                       # [..., words, 8]
     return codes.reshape(packed.shape[:-1] + (-1,))[..., :n] - INT4_OFFSET
 
 
@@ -146,15 +147,15 @@ def quantize_int4(w: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x), -8, 7).astype(np.int8).reshape(out, n)
 
 
-def dequant_int4(packed: np.ndarray, scale: np.ndarray, in_features: int) -> np.ndarray:
-    """weight_packed int32 [out, ceil(in / 8)] and weight_scale [out, in / g] (float32 values) ->
-    float32 [out, in]: W' = q * s (exact in float32 for bf16/f16 scales)."""
-    q = unpack_int4(packed, in_features)                                  # [out, in] int8
-    out = q.shape[0]
+def dequant_int4(packed, scale, in_features: int, xp=np):
+    """weight_packed int32 [..., out, ceil(in / 8)] and weight_scale [..., out, in / g] (float32 values) ->
+    float32 [..., out, in]: W' = q * s (exact in float32 for bf16/f16 scales). Any leading axes (experts);
+    xp: NumPy or CuPy (gpu.py widens device weights with it)."""
+    q = unpack_int4(packed, in_features, xp)                             # [..., out, in] int8
     groups = scale.shape[-1]
-    g = in_features // groups
-    w = q.reshape(out, groups, g).astype(np.float32) * scale.astype(np.float32)[..., None]
-    return w.reshape(out, in_features)
+    w = q.reshape(q.shape[:-1] + (groups, in_features // groups)).astype(xp.float32) \
+        * scale.astype(xp.float32)[..., None]
+    return w.reshape(q.shape)
 
 
 def dequant_int4_into(packed: np.ndarray, scale: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -361,6 +362,9 @@ class Int4Weight(QuantTensor):
         return scale
 
     def _expand_rows(self, rows: slice, out: np.ndarray) -> None:
+        fast = native.widener(self) if out.flags.c_contiguous else None
+        if fast is not None:                        # the C kernel's decoder (native.py): same values, one pass
+            return fast(rows, out)
         dequant_int4_into(self.packed[rows], self._scale(rows), out)
 
 
@@ -373,6 +377,9 @@ class NVFP4Weight(QuantTensor):
         self.nbytes = int(packed.nbytes + scale_bits.nbytes + 4)
 
     def _expand_rows(self, rows: slice, out: np.ndarray) -> None:
+        fast = native.widener(self) if out.flags.c_contiguous else None
+        if fast is not None:                        # the C kernel's decoder (native.py): same values, one pass
+            return fast(rows, out)
         out[...] = dequant_nvfp4(self.packed[rows], self.scale_bits[rows], self.global_scale, self.scale_2)
         _check_finite(out, self.name, self.where)  # NaN scale bytes (0x7F) or a zero global scale
 

@@ -8,10 +8,6 @@ from minidiff.model import attention, causal_attention, experts, gelu_tanh
 from minidiff.tensors import HalfTensor, bf16_to_f32, f32_to_bf16_bits
 
 
-def naive_attention(q, k, v, mask):
-    return plain.attention(q, k, v, mask)
-
-
 @settings(max_examples=40, deadline=None)
 @given(T=st.integers(1, 40), cached=st.integers(0, 12), window=st.one_of(st.none(), st.integers(2, 9)),
        block=st.integers(1, 17), seed=st.integers(0, 999))
@@ -26,7 +22,7 @@ def test_blocked_causal_attention_equals_full_masked_attention(T, cached, window
     mask = key_positions[None] <= positions[:, None]
     if window is not None:
         mask &= key_positions[None] > positions[:, None] - window
-    want = naive_attention(q, k, v, mask)
+    want = plain.attention(q, k, v, mask)
     np.testing.assert_allclose(attention(np, q, k, v, mask), want, rtol=1e-5, atol=1e-5)
     got = causal_attention(np, q, k, v, positions, key_positions, window, block=block)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

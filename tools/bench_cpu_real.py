@@ -59,6 +59,14 @@ def timed(fn, repeats):
 
 
 def peak_rss_gb() -> float:
+    """This process's peak resident memory: VmHWM, which starts afresh at exec (getrusage's ru_maxrss would
+    carry over the parent's peak into every worker, e.g. after the parent built the checkpoint)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2 ** 20                   # kB
+    except OSError:
+        pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # KiB on Linux
 
@@ -177,6 +185,7 @@ def main():
     ap.add_argument("--skip", default="", help="comma-separated engines to leave out (e.g. transformers-fp32)")
     ap.add_argument("--json", default="bench_cpu_real.json")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-build", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("params", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
@@ -191,7 +200,11 @@ def main():
 
     base = Path(args.dir)
     bf16, int4, nvfp4 = base / "bf16", base / "int4", base / "nvfp4"
-    build(bf16, int4, nvfp4)
+    if args.worker_build:
+        build(bf16, int4, nvfp4)
+        return
+    # built in a child: a parent that kept the building's memory would starve the workers' page cache
+    subprocess.run([sys.executable, __file__, "--worker-build", "--dir", str(base)], check=True)
     skip = set(filter(None, args.skip.split(",")))
     numpy_only = {"MINIDIFF_NATIVE": "0"}      # the 4-bit experts widened by NumPy, as before the CPU kernel
     engines = {

@@ -183,10 +183,10 @@ MUTANTS = [
       "cdf = pb.astype(xp.float64)", "cdf = pb.astype(xp.float32)", SAMPLER),
     # ---------------------------------------------------------------- the formats
     M("int4-nibbles-reversed", "int4: nibble order reversed in a word", "minidiff/quant.py",
-      "    u = np.ascontiguousarray(packed).view(np.uint32)[..., None]        # [..., words, 1]\n"
-      "    shifts = np.arange(0, 32, 4, dtype=np.uint32)\n",
-      "    u = np.ascontiguousarray(packed).view(np.uint32)[..., None]        # [..., words, 1]\n"
-      "    shifts = np.arange(28, -4, -4, dtype=np.uint32)\n", FORMATS),
+      "    u = xp.ascontiguousarray(packed).view(xp.uint32)[..., None]        # [..., words, 1]\n"
+      "    shifts = xp.arange(0, 32, 4, dtype=xp.uint32)\n",
+      "    u = xp.ascontiguousarray(packed).view(xp.uint32)[..., None]        # [..., words, 1]\n"
+      "    shifts = xp.arange(28, -4, -4, dtype=xp.uint32)\n", FORMATS),
     M("int4-fast-offset", "int4: the fast path's code offset off by one", "minidiff/quant.py",
       "        q -= INT4_OFFSET", "        q -= 7", FORMATS),
     M("int4-fast-planes-swapped", "int4: the fast path puts the high nibble first", "minidiff/quant.py",

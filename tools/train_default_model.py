@@ -70,21 +70,17 @@ def load_pairs(path=DATA) -> list[tuple[str, str]]:
 
 
 def encode_pairs(pairs, folder: Path):
-    """-> list of (prompt ids, response ids [n_canvases * L] with <turn|> and the EOS fill, n_canvases)."""
-    from minidiff.chat import ChatTemplate
+    """-> list of (prompt ids, response ids [n_canvases * L] with <turn|> and the EOS fill, n_canvases):
+    minidiff's own `train.trainer.encode_pairs`, plus this model's limits and a tokenizer round trip."""
     from minidiff.tokenizer import Tokenizer
-    tok, tpl = Tokenizer.from_folder(folder), ChatTemplate.from_folder(folder)
+    from minidiff.train.trainer import encode_pairs as encode
+    tok = Tokenizer.from_folder(folder)
     out = []
-    for prompt, answer in pairs:
-        p = tok.encode(tpl.render([{"role": "user", "content": prompt}], add_generation_prompt=True))
-        r = tok.encode(answer) + [TURN_END]
-        n = math.ceil(len(r) / CANVAS)
-        if n > N_CANVAS:
-            raise SystemExit(f"answer to {prompt!r} is {len(r)} tokens with <turn|>: more than {N_CANVAS} canvases")
+    for (prompt, answer), (p, r, n) in zip(pairs, encode(pairs, folder, CANVAS, N_CANVAS)):
         if len(p) + N_CANVAS * CANVAS > TEXT["sliding_window"] - 1:
             raise SystemExit(f"prompt {prompt!r} is too long ({len(p)} tokens) for the sliding window")
-        assert tok.decode(r[:-1]) == answer, (answer, tok.decode(r[:-1]))
-        out.append((p, r + [EOS] * (n * CANVAS - len(r)), n))
+        assert tok.decode(tok.encode(answer)) == answer, answer
+        out.append((p.tolist(), r.tolist(), n))
     return out
 
 

@@ -7,7 +7,7 @@ The layout: the prompt is `<bos><|turn>` + the 81 cells (digits, 0 = blank) + `<
 `tokenizers` tokenizer.json. The model: 4 layers (3 sliding, 1 full), hidden 128, 8 experts top-2.
 
     python tools/train_sudoku.py --out /tmp/sudoku --puzzles 2000 --steps 600 --batch 16   # make, train, eval
-    python tools/train_sudoku.py --out /tmp/sudoku --eval-only --per-bin 50
+    python tools/train_sudoku.py --out /tmp/sudoku --eval-only --per-bin 50 [--quantized]
 """
 
 from __future__ import annotations
@@ -78,27 +78,40 @@ def puzzles(n: int, seed: int) -> list:
     return out
 
 
-def evaluate(folder: Path, items: list, seed: int = 0) -> dict:
-    """Exact-solution and cell accuracy (over the blanks) per difficulty bin, mean denoising steps."""
-    import minidiff
-    from minidiff.chat import ChatTemplate
-    from minidiff.tokenizer import Tokenizer
-    model = minidiff.load(str(folder))
-    tok, tpl = Tokenizer.from_folder(folder), ChatTemplate.from_folder(folder)
+def evaluate(folder: Path, items: list, seed: int = 0, batch: int = 16) -> dict:
+    """Exact-solution and cell accuracy (over the blanks) per difficulty bin, mean denoising steps: what
+    `minidiff sudoku --plain` answers (the givens held on the canvas, batches of `batch`)."""
+    from minidiff.cli_sudoku import Solver
+    solver = Solver(str(folder))
     stats = {}
-    for puzzle, solution in items:
-        p = sudoku.parse(puzzle)
-        ids = tok.encode(tpl.render([{"role": "user", "content": puzzle}]))
-        res = model.generate(ids, seed=seed)
-        answer = [int(t) - 48 if 48 <= t <= 57 else 0 for t in res.tokens[0][:81]]     # the digits' tokens
-        blanks = [i for i in range(81) if not p[i]]
-        b = stats.setdefault(sudoku.difficulty(p), {"n": 0, "solved": 0, "cells": 0.0, "steps": 0})
-        b["n"] += 1
-        b["solved"] += sudoku.check(p, answer)
-        b["cells"] += sum(answer[i] == int(solution[i]) for i in blanks) / max(1, len(blanks))
-        b["steps"] += res.steps_per_canvas[0]
+    for i in range(0, len(items), batch):
+        chunk = items[i:i + batch]
+        puzzles = [sudoku.parse(p) for p, _ in chunk]
+        answers, res = solver.solve(puzzles, seed=seed + i)
+        for p, (_, solution), answer in zip(puzzles, chunk, answers):
+            blanks = [j for j in range(81) if not p[j]]
+            b = stats.setdefault(sudoku.difficulty(p), {"n": 0, "solved": 0, "cells": 0.0, "steps": 0})
+            b["n"] += 1
+            b["solved"] += sudoku.check(p, answer)
+            b["cells"] += sum(answer[j] == int(solution[j]) for j in blanks) / max(1, len(blanks))
+            b["steps"] += res.steps_per_canvas[0]          # a batch denoises together: its step count
     return {k: {"puzzles": v["n"], "exact": v["solved"] / v["n"], "cell_accuracy": v["cells"] / v["n"],
                 "mean_steps": v["steps"] / v["n"]} for k, v in stats.items()}
+
+
+QUANTIZED = {"int4-g32": ["--group-size", "32"], "int4-g128": ["--group-size", "128"], "nvfp4": ["--format", "nvfp4"]}
+
+
+def evaluate_quantized(run: Path, out: Path, items: list) -> dict:
+    """The trained model and its 4-bit copies (minidiff quantize, all linears) on the same puzzles and draws."""
+    import subprocess
+    report = {"float32": evaluate(run, items)}
+    for name, flags in QUANTIZED.items():
+        dst = out / name
+        subprocess.run([sys.executable, "-m", "minidiff.cli", "quantize", str(run), str(dst), "--force", *flags],
+                       check=True, capture_output=True)
+        report[name] = evaluate(dst, items)
+    return report
 
 
 def main():
@@ -111,6 +124,7 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--per-bin", type=int, default=20, help="evaluation puzzles per difficulty bin")
     ap.add_argument("--eval-only", action="store_true")
+    ap.add_argument("--quantized", action="store_true", help="also evaluate int4 g32 / g128 and NVFP4 copies")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
@@ -130,7 +144,7 @@ def main():
         for _ in range(args.per_bin):
             p, s = sudoku.generate(rng, rng.randint(max(lo, 24), min(hi, 50)))
             items.append([sudoku.to_text(p), sudoku.to_text(s)])
-    report = evaluate(run, items)
+    report = evaluate_quantized(run, out, items) if args.quantized else evaluate(run, items)
     print(json.dumps(report, indent=1))
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
 

@@ -11,6 +11,10 @@
  * operations), so only the order of the additions differs from "dequantize, then X @ W.T"
  * (tests/test_native.py compares the two).
  *
+ * Order of the inputs: a byte holds inputs 2j and 2j + 1, so a decoded row is laid out as the even inputs,
+ * then the odd ones; X's columns come in the same order (native.Plan.columns arranges them), which leaves
+ * every product W[r, k] * X[t, k] as it was.
+ *
  * Why: NumPy needs several passes over memory to turn 4-bit codes into float32 (split the nibbles, cast,
  * scale), more time than a bf16 weight takes to widen; here each weight row is decoded once into a small
  * buffer that stays in cache and used at once by all the expert's tokens.
@@ -137,6 +141,23 @@ static void item(const Format *f, const Matrix *m, int64_t r0, int64_t r1, int64
             for (int i = 0; i < ROWS && r + i < r1; i++)
                 for (int j = 0; j < TOKENS; j++)
                     Y[(t + j) * ldy + m->out_col + r + i] = lane_sum(acc[i][j]);
+        }
+    }
+}
+
+/* rows [r0, r1) of matrix m widened into out [r1 - r0, k] float32, inputs in their own order: the same
+ * values as quant.dequant_int4 / dequant_nvfp4, for the products that stay with the BLAS (the dense
+ * layers, long prefills) */
+void lowbit_widen(const Matrix *m, const Format *f, int64_t r0, int64_t r1, float *out)
+{
+    const int64_t per_group = f->group / 2;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *c = m->codes + r * m->code_stride;
+        float *o = out + (r - r0) * f->k;
+        for (int64_t j = 0; j < f->k / 2; j += 8) {
+            i16 q = nibbles(c + j);
+            v16 v = (f->fp4 ? fp4_values(q) : int4_values(q)) * group_scale(f, m, r, j / per_group);
+            *(v16 *)(o + 2 * j) = __builtin_shufflevector(v, v, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
         }
     }
 }
