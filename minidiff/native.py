@@ -223,20 +223,30 @@ def _format_of(w):
 
 def _arrays(w):
     """(codes uint8 [rows, stride], scales, stride, scale_div, scale_mul) of a 4-bit Linear whose scales
-    are all finite (checked here once, as the NumPy path checks them at every use)."""
+    are all finite (checked here once, as the NumPy path checks them at every use) and whose arrays have
+    the sizes the kernel will read (the loader checked them; the kernel reads raw memory, so again here)."""
     from . import quant
+    rows, k = w.shape
+    fmt = _format_of(w)
     if isinstance(w, quant.Int4Weight):
         w._scale(slice(None))                                      # raises on a non-finite scale
         codes = np.ascontiguousarray(w.packed).view(np.uint8)
         scales = np.ascontiguousarray(w.scale_raw)
-        return codes, scales, codes.shape[1], 0.0, 1.0
-    s = quant.e4m3_to_f32(w.scale_bits)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):    # reported just below
-        eff = s / np.float32(w.global_scale) if w.global_scale is not None else s * np.float32(w.scale_2)
-    quant._check_finite(eff, w.name, w.where)
-    codes = np.ascontiguousarray(w.packed, dtype=np.uint8)
-    div, mul = (float(np.float32(w.global_scale)), 1.0) if w.global_scale is not None else (0.0, float(np.float32(w.scale_2)))
-    return codes, np.ascontiguousarray(w.scale_bits, dtype=np.uint8), codes.shape[1], div, mul
+        div, mul = 0.0, 1.0
+    else:
+        s = quant.e4m3_to_f32(w.scale_bits)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):    # reported just below
+            eff = s / np.float32(w.global_scale) if w.global_scale is not None else s * np.float32(w.scale_2)
+        quant._check_finite(eff, w.name, w.where)
+        codes = np.ascontiguousarray(w.packed, dtype=np.uint8)
+        scales = np.ascontiguousarray(w.scale_bits, dtype=np.uint8)
+        div, mul = (float(np.float32(w.global_scale)), 1.0) if w.global_scale is not None \
+            else (0.0, float(np.float32(w.scale_2)))
+    item = {"F32": 4, "BF16": 2, "E4M3": 1}[fmt[1]]
+    if codes.ndim != 2 or codes.shape[0] != rows or codes.shape[1] < k // 2 or scales.shape != (rows, k // fmt[2]) \
+            or scales.itemsize != item:
+        raise ValueError("arrays do not match the weight's shape")
+    return codes, scales, codes.shape[1], div, mul
 
 
 def plan(experts):

@@ -171,6 +171,9 @@ def test_long_runs_and_other_forms_take_the_numpy_path():
     f16 = Q.QuantExperts("gu", [[int4(w, 32, "F16"), int4(w, 32, "F16")]], (1, 64, 64))
     g8 = Q.QuantExperts("gu", [[int4(w, 8, "BF16"), int4(w, 8, "BF16")]], (1, 64, 64))
     assert native.plan(f16) is None and native.plan(g8) is None       # f16 scales, groups of 8: NumPy's
+    short = int4(w, 32, "BF16")
+    short.scale_raw = short.scale_raw[:, :1]                           # arrays smaller than the shape says
+    assert native.widener(short) is None                               # the kernel never reads past them
 
 
 def test_no_compiler_or_a_failing_one_leaves_the_numpy_path(monkeypatch, tmp_path, numpy_path):
