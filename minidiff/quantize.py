@@ -43,7 +43,8 @@ from .output import Temporaries, destination_lock, temp_path, write_file
 from .weights import DTYPES, open_checkpoint
 
 FORMATS = ("int4", "nvfp4", "nvfp4-modelopt")
-SUPPORT_SKIP = {"config.json", "model.safetensors.index.json", "hf_quant_config.json"}
+# not copied: what quantize writes itself, and a training run's optimizer state (the copy is a new model)
+SUPPORT_SKIP = {"config.json", "model.safetensors.index.json", "hf_quant_config.json", "trainer_state.json"}
 CT_VERSION = "0.20.0"  # the compressed-tensors release whose config layout we write
 
 # The quantizable projections: (kind, regex over dense tensor names, group name, module suffix).

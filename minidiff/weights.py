@@ -163,7 +163,10 @@ class Checkpoint:
                     raise MinidiffError(f"{index}: tensor {name!r} is not in shard {fname}"[:300])
                 self.where[name] = fname
         else:
-            shards = self.dir.names(".safetensors")
+            # model.safetensors alone when it is there (as transformers reads a folder): other .safetensors
+            # files beside it (minidiff train's trainer_state.safetensors, say) are not weights
+            shards = [n for n in self.dir.names(".safetensors") if n == "model.safetensors"] \
+                or self.dir.names(".safetensors")
             if not shards:
                 raise MinidiffError(f"{self.folder}: no model.safetensors or model.safetensors.index.json")
             for fname in shards:

@@ -105,3 +105,18 @@ def test_adamw_and_schedule_equal_torch():
         sched.step()
     for k in params:
         np.testing.assert_allclose(params[k], tp[k].detach().numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_a_training_checkpoint_quantizes_and_loads(tmp_path, data):
+    """trainer_state.safetensors beside model.safetensors is optimizer state, not weights: the loader and
+    `minidiff quantize` read model.safetensors alone, and the quantized copy carries no trainer state."""
+    import minidiff
+    from minidiff.cli import main
+    train(None, data, tmp_path / "run", Settings(steps=1, batch=1, warmup=1))
+    assert (tmp_path / "run" / "trainer_state.safetensors").is_file()
+    assert main(["quantize", str(tmp_path / "run"), str(tmp_path / "q"), "--format", "nvfp4"]) == 0
+    assert not list((tmp_path / "q").glob("trainer_state*"))
+    a, b = minidiff.load(str(tmp_path / "run")), minidiff.load(str(tmp_path / "q"))
+    ids = np.array([2, 10, 11, 12])
+    la, lb = a.denoise(ids, a.encode(ids)), b.denoise(ids, b.encode(ids))
+    assert np.isfinite(lb).all() and np.abs(la - lb).max() < 0.5 * np.abs(la).max()
