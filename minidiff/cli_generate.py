@@ -188,7 +188,27 @@ def for_terminal(text: str, keep_lines: bool = True) -> str:
     return "".join(out)
 
 
-class LiveView:
+class Redrawn:
+    """A block of lines on a terminal that each `draw` replaces (cursor up over the last block, erase);
+    subclasses set `out` (the stream) and `lines` (0)."""
+    out = None
+    lines = 0
+
+    def draw(self, lines: list[str]):
+        if self.lines:
+            self.out.write(f"\x1b[{self.lines}F\x1b[J")
+        self.out.write("\n".join(lines) + "\n")
+        self.out.flush()
+        self.lines = len(lines)
+
+    def clear(self):
+        if self.lines:
+            self.out.write(f"\x1b[{self.lines}F\x1b[J")
+            self.out.flush()
+            self.lines = 0
+
+
+class LiveView(Redrawn):
     """Redraws the canvas under the committed text after every step (stdout must be a terminal)."""
 
     def __init__(self, tok, stream, vocab_size: int, color: bool = True, min_interval: float = 0.03):
@@ -244,18 +264,6 @@ class LiveView:
                   + "  entropy " + BARS[1:] + f" (0..{self.logV:.1f})")
         return lines + [legend]
 
-    def draw(self, lines: list[str]):
-        if self.lines:
-            self.out.write(f"\x1b[{self.lines}F\x1b[J")
-        self.out.write("\n".join(lines) + "\n")
-        self.out.flush()
-        self.lines = len(lines)
-
-    def clear(self):
-        if self.lines:
-            self.out.write(f"\x1b[{self.lines}F\x1b[J")
-            self.out.flush()
-            self.lines = 0
 
 
 def _wrap_cells(cells, width, plain, visible=None):

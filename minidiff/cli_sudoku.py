@@ -20,10 +20,10 @@ import time
 import numpy as np
 
 from . import sudoku
+from .cli_generate import BOLD, CYAN, DIM, GREEN, RED, RESET, Redrawn
 from .errors import MinidiffError
 
 MAX_INPUT_BYTES = 8 << 20          # --plain: 8 MB of puzzles (about 100,000) at most
-GREEN, RED, CYAN, DIM, BOLD, RESET = "\x1b[32m", "\x1b[31m", "\x1b[36m", "\x1b[2m", "\x1b[1m", "\x1b[0m"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -109,9 +109,9 @@ def grid_lines(cells, styles=None, color=True) -> list[str]:
     return out
 
 
-class LiveGrid:
+class LiveGrid(Redrawn):
     """Redraws the draft grid after every denoising step: givens cyan, accepted cells green, cells renoised
-    this step dim red; the shade of a digit is its certainty."""
+    this step dim red; the header line has the step, the cells settled and the mean entropy."""
 
     def __init__(self, solver, stream, color=True):
         self.solver, self.out, self.color, self.lines, self.last = solver, stream, color, 0, 0.0
@@ -131,18 +131,6 @@ class LiveGrid:
             f"{CYAN}given{RESET}  {GREEN}accepted{RESET}  {DIM}{RED}renoised{RESET}"
         self.draw([head] + grid_lines(self.solver.digits(draft), styles, self.color) + [legend])
 
-    def draw(self, lines):
-        if self.lines:
-            self.out.write(f"\x1b[{self.lines}F\x1b[J")
-        self.out.write("\n".join(lines) + "\n")
-        self.out.flush()
-        self.lines = len(lines)
-
-    def clear(self):
-        if self.lines:
-            self.out.write(f"\x1b[{self.lines}F\x1b[J")
-            self.out.flush()
-            self.lines = 0
 
 
 def read_puzzles(source) -> list[list[int]]:
