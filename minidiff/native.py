@@ -155,14 +155,16 @@ class Plan:
         for e, parts in enumerate(experts.parts):
             col = 0
             for p, w in enumerate(parts):
-                if _format_of(w) != fmt or w.shape[1] != k:
-                    raise ValueError("mixed formats")
+                if _format_of(w) != fmt or w.shape[1] != k or w.shape[0] != first[p].shape[0]:
+                    raise ValueError("mixed formats or shapes")       # (the kernel reads raw memory)
                 codes, scales, stride, div, mul = _arrays(w)
                 self.keep += [codes, scales]
                 mats.append((codes.ctypes.data, scales.ctypes.data, stride, col, div, mul))
                 if e == 0:
                     self.blocks += [(p, r, min(r + ROWS_PER_ITEM, w.shape[0])) for r in range(0, w.shape[0], ROWS_PER_ITEM)]
                 col += w.shape[0]
+            if col != self.rows:
+                raise ValueError("parts do not add up to the tensor's rows")
         self.matrices = (Matrix * len(mats))(*[Matrix(*m) for m in mats])
         self.format = Format(quant.E4M3.ctypes.data, fmt[0] == "nvfp4", SCALE_KINDS[fmt[1]], k, self.kp, fmt[2])
         self.blocks = np.array(self.blocks, dtype=np.int64).reshape(-1, 3)
