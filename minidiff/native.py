@@ -70,9 +70,15 @@ def _cpu_id() -> str:
 
 def _build(cc: str, out: Path) -> str | None:
     """Compile SOURCE into `out` (atomically); None on success, else why not."""
-    out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as e:
+        return f"cannot create {out.parent}: {e.strerror or e}"
     for flags in (["-march=native"], []):           # a compiler without -march=native still builds it
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        try:
+            fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        except OSError as e:
+            return f"cannot write in {out.parent}: {e.strerror or e}"
         os.close(fd)
         try:
             r = subprocess.run([cc, *FLAGS, *flags, str(SOURCE), "-o", tmp],

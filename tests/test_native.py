@@ -183,6 +183,11 @@ def test_no_compiler_or_a_failing_one_leaves_the_numpy_path(monkeypatch, tmp_pat
         native.reset()
         assert native.library() is None and why in native.status()
     assert not list(tmp_path.rglob("*.so"))                            # nothing half-built left behind
+    monkeypatch.delenv("CC")
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))       # a cache that cannot be a folder
+    native.reset()
+    assert native.library() is None and "cannot create" in native.status()
     rng = np.random.default_rng(5)
     gu, dn = make_experts(rng, ("int4", 32, "BF16"), 2, 64, 32)
     x = rng.standard_normal((3, 64)).astype(np.float32)
