@@ -77,7 +77,7 @@ class Solver:
         return [self.digit_of.get(int(t), 0) for t in canvas[:81]]
 
     def solve(self, puzzles, seed=0, hold=True, steps=None, callback=None):
-        """-> (answers, steps per puzzle, result) for a batch of puzzles (81-int lists)."""
+        """-> (answers as 81-int lists, the sampler's GenerateResult) for a batch of puzzles (81-int lists)."""
         from .sampler import generate
         over = dict(seed=seed, max_new_tokens=self.model.config.canvas_length)
         if steps is not None:
@@ -132,7 +132,6 @@ class LiveGrid(Redrawn):
         self.draw([head] + grid_lines(self.solver.digits(draft), styles, self.color) + [legend])
 
 
-
 def read_puzzles(source) -> list[list[int]]:
     """Every line of FILE / stdin as a puzzle; the first bad line is an error naming it (nothing is solved)."""
     if source == "-":
@@ -179,9 +178,7 @@ def run(args) -> int:
         print(f"minidiff: solved {solved} of {len(puzzles)}", file=sys.stderr)
         return 0
     if args.random is not None:
-        _, lo, hi = next(b for b in sudoku.BINS if b[0] == args.random)
-        rng = random.Random(args.seed)
-        puzzle, _ = sudoku.generate(rng, rng.randint(max(lo, 24), min(hi, 50)))
+        puzzle, _ = sudoku.random_puzzle(random.Random(args.seed), args.random)
     else:
         puzzle = sudoku.parse(args.puzzle)
     solver = Solver(args.model, args.device)

@@ -1,17 +1,20 @@
-"""The one compiled piece of the CPU path: 4-bit experts multiplied without widening them first.
+"""The one compiled piece of the CPU path: 4-bit weights (int4, NVFP4) used without NumPy widening them.
 
 NumPy turns 4-bit codes into float32 in several passes over memory (split the nibbles, cast, scale),
 which costs more than the matrix product that follows and more than widening bf16. `cpu_kernels/
-lowbit_matmul.c` (80 lines of plain C) decodes each weight row into a buffer that stays in cache and
-uses it at once for all the expert's tokens. It is optional: built on first use with the system C
-compiler (`$CC`, else `cc`) into a per-user cache, loaded with ctypes, and skipped -- NumPy does the
-work as before -- when there is no compiler, when `MINIDIFF_NATIVE=0`, or when a weight is in a form it
-does not read. `native.status()` says which.
+lowbit_matmul.c` (plain C with vector types) does two things:
 
-Only the routed experts go through it, and only while they see few tokens each (a denoiser step: about
-16); a long prefill gives each expert hundreds of tokens, where the BLAS on widened weights is faster.
-The results equal "dequantize, then X @ W.T" up to the order of the float32 additions
-(tests/test_native.py).
+    lowbit_matmul   the routed experts: each weight row decoded into a buffer that stays in cache and used
+                    at once for all the expert's tokens (`experts`, while each expert sees few tokens: a
+                    denoiser step gives about 16; a long prefill, hundreds, goes to the BLAS)
+    lowbit_widen    any 4-bit Linear widened to float32 in one pass, for the BLAS (`widener`, used by
+                    quant.QuantTensor for the dense layers and long prefills)
+
+It is optional: built on first use with the system C compiler (`$CC`, else `cc`) into a per-user cache,
+loaded with ctypes, and skipped -- NumPy does the work as before -- when there is no compiler, when
+`MINIDIFF_NATIVE=0`, or when a weight is in a form it does not read. `native.status()` says which.
+Decoded weights equal quant.py's dequantizers bit for bit; products equal "dequantize, then X @ W.T" up
+to the order of the float32 additions (tests/test_native.py).
 """
 
 import ctypes
@@ -148,14 +151,13 @@ class Plan:
     e * P + p is part p (gate, up; or down) of expert e. Built once per tensor; holds the arrays it points at."""
 
     def __init__(self, experts):
-        from . import quant
         first = experts.parts[0]
         self.P = len(first)
         self.rows = int(experts.shape[1])
         self.k = k = int(experts.shape[2])
-        self.kp = -(-k // 16) * 16
+        self.kp = _padded(k)
         fmt = _format_of(first[0])
-        self.keep = [quant.E4M3]
+        self.keep = []                                             # the arrays the matrices point into
         self.blocks = []                                           # (part, first row, end row) of one expert
         mats = []
         for e, parts in enumerate(experts.parts):
@@ -163,16 +165,14 @@ class Plan:
             for p, w in enumerate(parts):
                 if _format_of(w) != fmt or w.shape[1] != k or w.shape[0] != first[p].shape[0]:
                     raise ValueError("mixed formats or shapes")       # (the kernel reads raw memory)
-                codes, scales, stride, div, mul = _arrays(w)
-                self.keep += [codes, scales]
-                mats.append((codes.ctypes.data, scales.ctypes.data, stride, col, div, mul))
+                mats.append(_matrix(w, col, self.keep))
                 if e == 0:
                     self.blocks += [(p, r, min(r + ROWS_PER_ITEM, w.shape[0])) for r in range(0, w.shape[0], ROWS_PER_ITEM)]
                 col += w.shape[0]
             if col != self.rows:
                 raise ValueError("parts do not add up to the tensor's rows")
-        self.matrices = (Matrix * len(mats))(*[Matrix(*m) for m in mats])
-        self.format = Format(quant.E4M3.ctypes.data, fmt[0] == "nvfp4", SCALE_KINDS[fmt[1]], k, self.kp, fmt[2])
+        self.matrices = (Matrix * len(mats))(*mats)
+        self.format = _format_struct(fmt, k)
         self.blocks = np.array(self.blocks, dtype=np.int64).reshape(-1, 3)
 
     def columns(self, a, rows=None):
@@ -229,6 +229,24 @@ def _format_of(w):
     return None
 
 
+def _padded(k: int) -> int:
+    """The row length of the kernel's buffers and of X: k rounded up to whole 16-float vectors."""
+    return -(-k // 16) * 16
+
+
+def _format_struct(fmt, k: int) -> Format:
+    from . import quant
+    return Format(quant.E4M3.ctypes.data, fmt[0] == "nvfp4", SCALE_KINDS[fmt[1]], k, _padded(k), fmt[2])
+
+
+def _matrix(w, out_col: int, keep: list) -> Matrix:
+    """The kernel's view of a 4-bit Linear whose rows land at column out_col of Y; the arrays it points
+    into are appended to `keep` (whoever holds the Matrix must hold them)."""
+    codes, scales, stride, div, mul = _arrays(w)
+    keep += [codes, scales]
+    return Matrix(codes.ctypes.data, scales.ctypes.data, stride, out_col, div, mul)
+
+
 def _arrays(w):
     """(codes uint8 [rows, stride], scales, stride, scale_div, scale_mul) of a 4-bit Linear whose scales
     are all finite (checked here once, as the NumPy path checks them at every use) and whose arrays have
@@ -242,9 +260,8 @@ def _arrays(w):
         scales = np.ascontiguousarray(w.scale_raw)
         div, mul = 0.0, 1.0
     else:
-        s = quant.e4m3_to_f32(w.scale_bits)
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):    # reported just below
-            eff = s / np.float32(w.global_scale) if w.global_scale is not None else s * np.float32(w.scale_2)
+            eff = quant.nvfp4_group_scales(w.scale_bits, w.global_scale, w.scale_2)
         quant._check_finite(eff, w.name, w.where)
         codes = np.ascontiguousarray(w.packed, dtype=np.uint8)
         scales = np.ascontiguousarray(w.scale_bits, dtype=np.uint8)
@@ -274,15 +291,12 @@ class Widen:
     """One 4-bit Linear [rows, k] as the kernel reads it, for `lowbit_widen` (quant.py's expand path)."""
 
     def __init__(self, w):
-        from . import quant
         fmt = _format_of(w)
         if fmt is None:
             raise ValueError("not a form the kernel reads")
-        codes, scales, stride, div, mul = _arrays(w)
-        self.keep = (codes, scales)
-        self.matrix = Matrix(codes.ctypes.data, scales.ctypes.data, stride, 0, div, mul)
-        self.format = Format(quant.E4M3.ctypes.data, fmt[0] == "nvfp4", SCALE_KINDS[fmt[1]], w.shape[1],
-                             -(-w.shape[1] // 16) * 16, fmt[2])
+        self.keep = []
+        self.matrix = _matrix(w, 0, self.keep)
+        self.format = _format_struct(fmt, w.shape[1])
 
     def __call__(self, rows: slice, out: np.ndarray) -> None:
         assert out.flags.c_contiguous and out.dtype == np.float32 and out.shape[1] == self.format.k

@@ -316,13 +316,20 @@ def quantize_nvfp4(w: np.ndarray, global_scale=None, scale_2=None):
 def dequant_nvfp4(packed: np.ndarray, scale_bits: np.ndarray, global_scale=None, scale_2=None) -> np.ndarray:
     """weight [out, in/2] U8 + weight_scale [out, in/16] F8_E4M3 bytes + one second-level scale ->
     float32 [out, in]. compressed-tensors: W' = fp4 * (s / global_scale); ModelOpt: W' = fp4 * (s * scale_2)."""
-    if (global_scale is None) == (scale_2 is None):
-        raise ValueError("dequant_nvfp4: give exactly one of global_scale, scale_2")
     vals = FP4_TABLE[unpack_nvfp4(packed)]                                     # [out, in] float32
     out, n = vals.shape
+    eff = nvfp4_group_scales(scale_bits, global_scale, scale_2)                # [out, in/16]
+    return (vals.reshape(out, -1, NVFP4_GROUP) * eff[..., None]).reshape(out, n)
+
+
+def nvfp4_group_scales(scale_bits: np.ndarray, global_scale=None, scale_2=None) -> np.ndarray:
+    """The float32 scale of each group of 16: s / global_scale (compressed-tensors) or s * scale_2 (ModelOpt),
+    s the FP8 E4M3 byte's value."""
+    if (global_scale is None) == (scale_2 is None):
+        raise ValueError("dequant_nvfp4: give exactly one of global_scale, scale_2")
     s = e4m3_to_f32(scale_bits)                                                # [out, in/16]
     eff = s / np.float32(global_scale) if global_scale is not None else s * np.float32(scale_2)
-    return (vals.reshape(out, -1, NVFP4_GROUP) * eff[..., None]).reshape(out, n)
+    return eff
 
 
 # ================================================================================================
@@ -331,10 +338,18 @@ def dequant_nvfp4(packed: np.ndarray, scale_bits: np.ndarray, global_scale=None,
 
 class QuantTensor(Stored):
     """A weight kept packed; widened on use through `expand_into` (tensors.Stored); `nbytes` = packed bytes.
-    A 2-D format defines `_expand_rows`; one row is a block of one."""
+    A 2-D format defines `_numpy_rows`; one row is a block of one."""
 
     def _expand_one(self, i, out):
         self._expand_rows(slice(i, i + 1), out[None])
+
+    def _expand_rows(self, rows: slice, out: np.ndarray) -> None:
+        """A 2-D format's rows: through the C kernel's decoder where it reads the format (native.py: the same
+        values in one pass), else the format's NumPy statement `_numpy_rows`."""
+        fast = native.widener(self) if out.flags.c_contiguous else None
+        if fast is not None:
+            return fast(rows, out)
+        self._numpy_rows(rows, out)
 
 
 def _float_array(raw: np.ndarray, dtype: str) -> np.ndarray:
@@ -361,10 +376,7 @@ class Int4Weight(QuantTensor):
         _check_finite(scale, self.name + ".weight_scale", self.where)
         return scale
 
-    def _expand_rows(self, rows: slice, out: np.ndarray) -> None:
-        fast = native.widener(self) if out.flags.c_contiguous else None
-        if fast is not None:                        # the C kernel's decoder (native.py): same values, one pass
-            return fast(rows, out)
+    def _numpy_rows(self, rows: slice, out: np.ndarray) -> None:
         dequant_int4_into(self.packed[rows], self._scale(rows), out)
 
 
@@ -376,10 +388,7 @@ class NVFP4Weight(QuantTensor):
         self.global_scale, self.scale_2, self.where = global_scale, scale_2, where
         self.nbytes = int(packed.nbytes + scale_bits.nbytes + 4)
 
-    def _expand_rows(self, rows: slice, out: np.ndarray) -> None:
-        fast = native.widener(self) if out.flags.c_contiguous else None
-        if fast is not None:                        # the C kernel's decoder (native.py): same values, one pass
-            return fast(rows, out)
+    def _numpy_rows(self, rows: slice, out: np.ndarray) -> None:
         out[...] = dequant_nvfp4(self.packed[rows], self.scale_bits[rows], self.global_scale, self.scale_2)
         _check_finite(out, self.name, self.where)  # NaN scale bytes (0x7F) or a zero global scale
 

@@ -97,6 +97,13 @@ def generate(rng: random.Random, givens: int) -> tuple[list[int], list[int]]:
     return puzzle, solution
 
 
+def random_puzzle(rng: random.Random, bin_name: str) -> tuple[list[int], list[int]]:
+    """(puzzle, solution) of the named bin: givens drawn within the bin (and within 24..50, where the
+    generator's uniqueness-keeping removal lands reliably)."""
+    _, lo, hi = next(b for b in BINS if b[0] == bin_name)
+    return generate(rng, rng.randint(max(lo, 24), min(hi, 50)))
+
+
 def difficulty(puzzle) -> str:
     n = sum(1 for d in puzzle if d)
     return next(name for name, lo, hi in BINS if lo <= n <= hi) if n >= 17 else "hard"

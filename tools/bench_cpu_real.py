@@ -207,17 +207,16 @@ def main():
     subprocess.run([sys.executable, __file__, "--worker-build", "--dir", str(base)], check=True)
     skip = set(filter(None, args.skip.split(",")))
     numpy_only = {"MINIDIFF_NATIVE": "0"}      # the 4-bit experts widened by NumPy, as before the CPU kernel
-    engines = {
-        "minidiff-bf16": ("minidiff", bf16, args.long),
-        "minidiff-int4": ("minidiff", int4, 0),
-        "minidiff-nvfp4": ("minidiff", nvfp4, 0),
-        "minidiff-int4-numpy": ("minidiff", int4, 0, numpy_only),
-        "transformers-fp32": ("transformers", bf16, "float32"),
-        "transformers-bf16": ("transformers", bf16, "bfloat16"),
+    engines = {                                 # name: (worker, its parameters, extra environment)
+        "minidiff-bf16": ("minidiff", (bf16, args.long), None),
+        "minidiff-int4": ("minidiff", (int4, 0), None),
+        "minidiff-nvfp4": ("minidiff", (nvfp4, 0), None),
+        "minidiff-int4-numpy": ("minidiff", (int4, 0), numpy_only),
+        "transformers-fp32": ("transformers", (bf16, "float32"), None),
+        "transformers-bf16": ("transformers", (bf16, "bfloat16"), None),
     }
-    results = {name: run_worker(args, w, *[p for p in ps if not isinstance(p, dict)],
-                                env_extra=next((p for p in ps if isinstance(p, dict)), None))
-               for name, (w, *ps) in engines.items() if name not in skip}
+    results = {name: run_worker(args, w, *params, env_extra=env)
+               for name, (w, params, env) in engines.items() if name not in skip}
     results["minidiff-sampler"] = run_worker(args, "sampler")
 
     keys = [f"prefill_1024_s", "step_c1024_s", "step+sc_c1024_s", "step_c8192_s", "peak_rss_gb"]

@@ -213,7 +213,7 @@ MUTANTS = [
     M("native-fp4-sign", "CPU kernel: FP4 sign read from the wrong bit", "minidiff/cpu_kernels/lowbit_matmul.c",
       "(q >> 3) << 31", "(q >> 2) << 31", NATIVE),
     M("native-scale-group", "CPU kernel: inputs scaled by the next group's scale", "minidiff/cpu_kernels/lowbit_matmul.c",
-      "group_scale(f, m, row, j / per_group)", "group_scale(f, m, row, (j + 8) / per_group % (f->k / f->group))", NATIVE),
+      "group_scale(f, m, row, j / (f->group / 2))", "group_scale(f, m, row, (j + 8) / (f->group / 2) % (f->k / f->group))", NATIVE),
     M("native-no-padding", "CPU kernel: expert runs not padded to the 4-token tile", "minidiff/native.py",
       "padded = -(-counts // 4) * 4", "padded = counts + 0", NATIVE),
     M("native-column-order", "CPU kernel: inputs passed in their own order, not the kernel's", "minidiff/native.py",

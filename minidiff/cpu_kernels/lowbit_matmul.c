@@ -92,16 +92,21 @@ static inline v16 fp4_values(i16 q)                      /* FP4 E2M1: sign, 2 ex
     return (v16)(bits | (q >> 3) << 31);                               /* the sign bit (code 8 is -0) */
 }
 
+/* inputs 2j .. 2j + 15 of row `row` (bytes j .. j + 7): lanes 0-7 the even inputs, lanes 8-15 the odd ones.
+ * Every group size is a multiple of 16, so the 16 share one scale. */
+static inline v16 decode16(const Format *f, const Matrix *m, int64_t row, int64_t j)
+{
+    i16 q = nibbles(m->codes + row * m->code_stride + j);
+    return (f->fp4 ? fp4_values(q) : int4_values(q)) * group_scale(f, m, row, j / (f->group / 2));
+}
+
 /* row `row` of matrix m, decoded into w[0 .. kp): the even inputs first (the low nibbles), then the odd
- * ones (the high nibbles), then zeros; X's columns come in the same order. 16 inputs (8 bytes) at a time:
- * every group size is a multiple of 16, so they share one scale. */
+ * ones (the high nibbles), then zeros; X's columns come in the same order */
 static void decode_row(const Format *f, const Matrix *m, int64_t row, float *w)
 {
-    const uint8_t *c = m->codes + row * m->code_stride;
-    const int64_t half = f->k / 2, per_group = f->group / 2;  /* bytes per row, bytes per scale */
+    const int64_t half = f->k / 2;                        /* bytes per row */
     for (int64_t j = 0; j < half; j += 8) {
-        i16 q = nibbles(c + j);
-        v16 v = (f->fp4 ? fp4_values(q) : int4_values(q)) * group_scale(f, m, row, j / per_group);
+        v16 v = decode16(f, m, row, j);
         *(v8 *)(w + j) = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);             /* even inputs */
         *(v8 *)(w + half + j) = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); /* odd inputs */
     }
@@ -150,13 +155,10 @@ static void item(const Format *f, const Matrix *m, int64_t r0, int64_t r1, int64
  * layers, long prefills) */
 void lowbit_widen(const Matrix *m, const Format *f, int64_t r0, int64_t r1, float *out)
 {
-    const int64_t per_group = f->group / 2;
     for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *c = m->codes + r * m->code_stride;
         float *o = out + (r - r0) * f->k;
         for (int64_t j = 0; j < f->k / 2; j += 8) {
-            i16 q = nibbles(c + j);
-            v16 v = (f->fp4 ? fp4_values(q) : int4_values(q)) * group_scale(f, m, r, j / per_group);
+            v16 v = decode16(f, m, r, j);                 /* interleaved back: even, odd, even, ... */
             *(v16 *)(o + 2 * j) = __builtin_shufflevector(v, v, 0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
         }
     }
