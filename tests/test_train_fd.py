@@ -4,8 +4,9 @@ its textbook formulas. (tests/test_train_ops.py, _layer.py and _objective.py che
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
-from minidiff.train.objective import load_params, loss_and_grads
+from minidiff.train.objective import Batch, load_params, loss_and_grads
 from minidiff.train.trainer import Settings, adamw_step
 
 PROMPT = [2, 105, 449, 447, 433, 446, 437, 451, 438, 16, 106, 107, 105, 109, 107]
@@ -20,7 +21,8 @@ def test_objective_gradient_equals_finite_differences(use_sc):
     b = 1                                                      # the second canvas: it reads the first
     xt = ids[len(PROMPT) + C:len(PROMPT) + 2 * C].copy()
     xt[::3] = rng.integers(0, cfg.vocab_size, len(xt[::3]))     # corrupted
-    dec, enc, grads = loss_and_grads(np, params, cfg, ids, b, xt, use_sc, len(PROMPT))
+    batch = Batch(np, [(ids, len(PROMPT) + b * C, xt, use_sc)])
+    dec, enc, grads = loss_and_grads(np, params, cfg, batch)
     names = ["model.decoder.embed_tokens.weight", "model.decoder.layers.0.self_attn.q_proj.weight",
              "model.decoder.layers.1.self_attn.k_norm.weight", "model.decoder.layers.2.experts.gate_up_proj",
              "model.decoder.layers.3.router.proj.weight", "model.decoder.layers.0.input_layernorm.weight",
@@ -36,12 +38,43 @@ def test_objective_gradient_equals_finite_differences(use_sc):
             i = np.unravel_index(flat, w.shape)
             old = w[i]
             w[i] = old + 1e-6
-            up = sum(loss_and_grads(np, params, cfg, ids, b, xt, use_sc, len(PROMPT), backward=False)[:2])
+            up = sum(loss_and_grads(np, params, cfg, batch, backward=False)[:2])
             w[i] = old - 1e-6
-            down = sum(loss_and_grads(np, params, cfg, ids, b, xt, use_sc, len(PROMPT), backward=False)[:2])
+            down = sum(loss_and_grads(np, params, cfg, batch, backward=False)[:2])
             w[i] = old
             num = (up - down) / 2e-6
             assert abs(num - g[i]) <= 1e-5 * max(1.0, abs(num)) + 1e-7, (name, i, num, g[i])
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 10**6), shapes=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 2), st.booleans()),
+                                                   min_size=2, max_size=4))
+def test_a_padded_batch_equals_its_examples_one_by_one(seed, shapes):
+    """Examples of different lengths in one batch (right-padded, each canvas at its own position, self-
+    conditioning on some rows only) give what each gives alone, combined as a mean over positions: padding
+    is never read and rows never see each other."""
+    cfg, params = load_params(None, "float64")
+    rng = np.random.default_rng(seed)
+    C, examples = cfg.canvas_length, []
+    for prompt_len, canvases, use_sc in shapes:
+        ids = rng.integers(5, 500, prompt_len + canvases * C)
+        b = int(rng.integers(0, canvases))
+        xt = np.where(rng.random(C) < 0.5, rng.integers(0, cfg.vocab_size, C), ids[prompt_len + b * C:][:C])
+        examples.append((ids, prompt_len + b * C, xt, use_sc))
+    dec, enc, grads = loss_and_grads(np, params, cfg, Batch(np, examples))
+    pairs = [len(e[0]) - 1 for e in examples]                  # each example's next-token pairs
+    want_dec = want_enc = 0.0
+    want = {}
+    for e, n in zip(examples, pairs):
+        w = (1 / len(examples), n / sum(pairs))
+        d, en, g = loss_and_grads(np, params, cfg, Batch(np, [e]), loss_weights=w)
+        want_dec, want_enc = want_dec + d * w[0], want_enc + en * w[1]
+        for k, v in g.items():
+            want[k] = want.get(k, 0) + v
+    assert abs(dec - want_dec) < 1e-12 and abs(enc - want_enc) < 1e-12, (dec, want_dec, enc, want_enc)
+    assert set(grads) == set(want)
+    for k, g in grads.items():
+        np.testing.assert_allclose(g, want[k], rtol=1e-9, atol=1e-12, err_msg=k)
 
 
 def test_adamw_equals_its_formulas():
@@ -60,3 +93,34 @@ def test_adamw_equals_its_formulas():
         ref = ref * (1 - s.lr * s.weight_decay) - s.lr * (m / (1 - b1 ** (step + 1))) / (
             np.sqrt(v / (1 - b2 ** (step + 1))) + s.eps)
         np.testing.assert_allclose(params["w"], ref, rtol=1e-12)
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 10**6), window=st.integers(2, 40), prompt_len=st.integers(1, 30), b=st.integers(0, 2),
+       use_sc=st.booleans())
+def test_the_training_forward_is_the_inference_forward(seed, window, prompt_len, b, use_sc):
+    """The denoiser's logits in training (one batched pass, the canvas reading the encoder's cache through
+    a mask) equal minidiff.model's (encode the sequence before the canvas, then denoise it), with sliding
+    windows small enough to matter in both the encoder and the canvas's context."""
+    import dataclasses
+
+    from minidiff.config import load_config
+    from minidiff.loader import resolve
+    from minidiff.model import Model
+    from minidiff.weights import load_text_weights, open_checkpoint
+    from minidiff.train.objective import denoiser, encoder
+    folder = resolve(None)
+    cfg = dataclasses.replace(load_config(folder), sliding_window=window)
+    _, params = load_params(None, "float32")
+    model = Model(cfg, load_text_weights(open_checkpoint(folder), cfg))
+    rng = np.random.default_rng(seed)
+    C = cfg.canvas_length
+    ids = rng.integers(5, 500, prompt_len + 3 * C)
+    start = prompt_len + b * C
+    xt = rng.integers(0, cfg.vocab_size, C)
+    sc = (4 * rng.standard_normal((C, cfg.vocab_size))).astype(np.float32) if use_sc else None
+    _, keys, values, _ = encoder(np, params, cfg, ids[None])
+    got, _ = denoiser(np, params, cfg, xt[None], np.array([start]), keys, values,
+                      None if sc is None else sc[None], np.array([0]))
+    want = model.denoise(xt, model.encode(ids[:start]), sc)
+    np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4)

@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import train_default_model as ref_train  # noqa: E402
-from minidiff.train.objective import load_params, loss_and_grads  # noqa: E402
+from minidiff.train.objective import Batch, load_params, loss_and_grads  # noqa: E402
 from test_train_layer import float64_throughout  # noqa: E402
 
 DEFAULT = ROOT / "minidiff" / "default_model"
@@ -73,16 +73,9 @@ def reference(dtype, pairs, seed):
 
 def minidiff_batch(dtype, draws):
     cfg, params = load_params(DEFAULT, dtype)
-    B = len(draws)
-    n_enc = [len(ids) - 1 for ids, *_ in draws]
-    dec = enc = 0.0
-    grads = {}
-    for (ids, b, xt, use, plen), n in zip(draws, n_enc):
-        d, e, g = loss_and_grads(np, params, cfg, ids, b, xt, use, plen, weights=(1 / B, n / sum(n_enc)))
-        dec, enc = dec + d / B, enc + e * n / sum(n_enc)
-        for k, v in g.items():
-            grads[k] = grads.get(k, 0) + v
-    return dec, enc, grads
+    C = cfg.canvas_length
+    batch = Batch(np, [(ids, plen + b * C, xt, use) for ids, b, xt, use, plen in draws])
+    return loss_and_grads(np, params, cfg, batch)
 
 
 @pytest.mark.parametrize("seed", [0, 3])

@@ -70,15 +70,18 @@ def test_elementwise_ops(seed, n):
 
 
 @SETTINGS
-@given(seed=st.integers(0, 10**6), T=st.integers(1, 5), n=st.integers(1, 3), half=st.integers(1, 5))
-def test_rope(seed, T, n, half):
+@given(seed=st.integers(0, 10**6), T=st.integers(1, 5), n=st.integers(1, 3), half=st.integers(1, 5),
+       B=st.sampled_from([None, 1, 3]))
+def test_rope(seed, T, n, half, B):
+    """Positions [T] (one sequence), or [B, T]: a batch whose rows start at different positions."""
     r = rng_for(seed)
-    x, dy = r.standard_normal((T, n, 2 * half)), r.standard_normal((T, n, 2 * half))
-    pos, inv = np.arange(3, 3 + T), r.uniform(0, 1, half)
+    lead = () if B is None else (B,)
+    x, dy = r.standard_normal(lead + (T, n, 2 * half)), r.standard_normal(lead + (T, n, 2 * half))
+    pos, inv = r.integers(0, 50, lead + (1,)) + np.arange(T), r.uniform(0, 1, half)
     y, s = ops.rope(np, x, pos, inv)
-    ang = torch.tensor(pos, dtype=torch.float32)[:, None] * torch.tensor(inv, dtype=torch.float32)[None]
-    cos = torch.cat([ang, ang], -1).cos().double()[:, None]                 # float32 angles, as the model
-    sin = torch.cat([ang, ang], -1).sin().double()[:, None]
+    ang = torch.tensor(pos, dtype=torch.float32)[..., None] * torch.tensor(inv, dtype=torch.float32)
+    cos = torch.cat([ang, ang], -1).cos().double()[..., None, :]            # float32 angles, as the model
+    sin = torch.cat([ang, ang], -1).sin().double()[..., None, :]
     ref, (gx,) = torch_grads(lambda x: x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin, [x], dy)
     close(y, ref), close(ops.rope_backward(np, dy, s), gx)
 
@@ -99,23 +102,31 @@ def test_linear_and_mlp(seed, T, H, I):
 
 @SETTINGS
 @given(seed=st.integers(0, 10**6), T=st.integers(1, 6), S0=st.integers(0, 5),
-       heads=st.sampled_from([(2, 1), (2, 2), (4, 2)]), masked=st.booleans())
-def test_attention(seed, T, S0, heads, masked):
+       heads=st.sampled_from([(2, 1), (2, 2), (4, 2)]), masked=st.booleans(), B=st.sampled_from([None, 1, 3]))
+def test_attention(seed, T, S0, heads, masked, B):
+    """One sequence, or a batch (leading axis B) with a mask per row: each row attends on its own."""
     r = rng_for(seed)
     nh, nkv, hd = heads[0], heads[1], 4
     S = S0 + T
-    q, k, v = r.standard_normal((T, nh, hd)), r.standard_normal((S, nkv, hd)), r.standard_normal((S, nkv, hd))
-    mask = (np.arange(S)[None] <= np.arange(S0, S)[:, None]) if masked else None    # causal over cache + new
-    do = r.standard_normal((T, nh * hd))
+    lead = () if B is None else (B,)
+    q = r.standard_normal(lead + (T, nh, hd))
+    k, v = r.standard_normal(lead + (S, nkv, hd)), r.standard_normal(lead + (S, nkv, hd))
+    mask = None
+    if masked:                                  # causal over cache + new, a row's first keys hidden
+        mask = np.broadcast_to(np.arange(S)[None] <= np.arange(S0, S)[:, None], lead + (T, S)).copy()
+        if B:
+            mask[..., :r.integers(0, S0 + 1)] = False
+            mask[..., np.arange(T), np.arange(S0, S)] = True                        # every query sees itself
+    do = r.standard_normal(lead + (T, nh * hd))
     o, s = ops.attention(np, q, k, v, mask)
     rep = nh // nkv
 
     def f(q, k, v):
-        kk, vv = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)          # [S, nh, hd]
-        sc = torch.einsum("thd,shd->hts", q, kk)
+        kk, vv = k.repeat_interleave(rep, -2), v.repeat_interleave(rep, -2)       # [..., S, nh, hd]
+        sc = torch.einsum("...thd,...shd->...hts", q, kk)
         if mask is not None:
-            sc = sc.masked_fill(~torch.tensor(mask), float("-inf"))
-        return torch.einsum("hts,shd->thd", torch.softmax(sc, -1), vv).reshape(T, nh * hd)
+            sc = sc.masked_fill(~torch.tensor(mask)[..., None, :, :], float("-inf"))
+        return torch.einsum("...hts,...shd->...thd", torch.softmax(sc, -1), vv).reshape(*lead, T, nh * hd)
     ref, grads = torch_grads(f, [q, k, v], do)
     close(o, ref)
     for got, want in zip(ops.attention_backward(np, do, s), grads):

@@ -1,12 +1,17 @@
-"""The release's training objective (docs/sampler.md §S18–§S20) for one example, forward and backward.
+"""The release's training objective (docs/sampler.md §S18–§S20) for a batch, forward and backward.
 
-    encoder   the clean [prompt ; canvases] through the encoder, causally: its KV cache, and logits for the
-              next-token loss (tied head + softcap on the final norm)
-    corrupt   canvas b (chosen by the caller) with uniform noise: xt (the caller's draw)
-    pass 1    the denoiser on xt reading the cache of positions < P + b·C, no self-conditioning, no gradient
-    pass 2    the same with self-conditioning on pass 1's softcapped logits when `use_sc`, else none
-    losses    decoder: cross-entropy of the clean canvas under pass 2, every position, mean;
+    encoder   the clean [prompt ; canvases] of every example through the encoder, causally: its KV cache,
+              and logits for the next-token loss (tied head + softcap on the final norm)
+    corrupt   one canvas per example with uniform noise: xt (the caller's draw)
+    pass 1    the denoiser on xt reading the cache of the positions before the canvas, no self-conditioning,
+              no gradient (only for the examples that use self-conditioning)
+    pass 2    the same with self-conditioning on pass 1's softcapped logits where chosen, else none
+    losses    decoder: cross-entropy of the clean canvas under pass 2, every position, mean over the batch;
               encoder: next-token cross-entropy where token i and i + 1 are both in the sequence, mean
+
+A batch is one array per quantity (`Batch`): the sequences right-padded to one length S, so that every op
+runs once for the whole batch (no Python loop over examples). Padding is never read: the encoder is causal
+and padding comes last, a canvas reads only the positions before it, and the encoder loss skips it.
 
 The gradient of the decoder loss flows into the encoder's keys and values (the release does not stop
 it); weights shared by both passes get the sum. Everything here is plain NumPy/CuPy through `xp`; the
@@ -45,27 +50,28 @@ def head_backward(xp, dy, saved, grads):
     return dh
 
 
-def cross_entropy(xp, logits, targets):
-    """mean over rows of -log softmax(logits)[target] -> (loss, dlogits)"""
+def cross_entropy(xp, logits, targets, weight):
+    """Σ over rows of weight · -log softmax(logits)[target]   (logits [N, V], targets/weight [N]) -> (loss, dlogits)"""
     z = logits - logits.max(axis=-1, keepdims=True)
     logp = z - xp.log(xp.exp(z).sum(axis=-1, keepdims=True))
-    n = targets.shape[0]
-    loss = -logp[xp.arange(n), targets].mean()
+    rows = xp.arange(targets.shape[0])
+    loss = -(weight * logp[rows, targets]).sum()
     d = xp.exp(logp)
-    d[xp.arange(n), targets] -= 1
-    return loss, d / n
+    d[rows, targets] -= 1
+    return loss, d * weight[:, None]
 
 
 def encoder(xp, params, cfg, ids):
-    """Causal pass over ids [S] at positions 0 … S-1 (sliding layers see the last W keys)."""
-    S = ids.shape[0]
+    """Causal pass over ids [B, S] at positions 0 … S-1 (sliding layers see the last W keys).
+    -> (logits [B, S, V], keys and values per layer [B, S, nkv, hd], saved)"""
+    S = ids.shape[-1]
     pos = xp.arange(S)
-    allowed = pos[None, :] <= pos[:, None]
+    allowed = pos[None, :] <= pos[:, None]                              # [S, S], the same for every row
     h, s_emb = ops.embed(xp, ids, params[f"{DEC}.embed_tokens.weight"], cfg.hidden_size ** 0.5)
     keys, values, saved = [], [], []
     for i, lc in enumerate(cfg.layers):
         mask = allowed & (pos[None, :] > pos[:, None] - cfg.sliding_window) if lc.is_sliding else allowed
-        empty = xp.zeros((0, lc.num_kv_heads, lc.head_dim), dtype=h.dtype)
+        empty = xp.zeros(ids.shape[:-1] + (0, lc.num_kv_heads, lc.head_dim), dtype=h.dtype)
         h, k, v, s = layer_forward(xp, layer_params(params, i), lc, cfg.rms_norm_eps, cfg.top_k_experts, h, pos,
                                    xp.asarray(lc.inv_freq), empty, empty, mask,
                                    params[f"{ENC}.layers.{i}.layer_scalar"])
@@ -74,17 +80,23 @@ def encoder(xp, params, cfg, ids):
     return logits, keys, values, (s_emb, saved, s_head)
 
 
-def context(cfg, lc, keys, end: int):
-    """The cache a canvas starting at `end` reads: positions < end, a sliding layer's last W - 1 of them."""
-    start = max(0, end - (cfg.sliding_window - 1)) if lc.is_sliding else 0
-    return start, keys[start:end]
+def context_mask(xp, cfg, lc, starts, S: int, C: int):
+    """What a canvas starting at position `start` reads: the cache positions before it (a sliding layer only
+    the last W - 1 of them) and its own C positions, all of them (bidirectional). -> [B, C, S + C] bool"""
+    j = xp.arange(S)[None, :]
+    ok = j < starts[:, None]                                            # [B, S]
+    if lc.is_sliding:
+        ok &= j >= starts[:, None] - (cfg.sliding_window - 1)
+    past = xp.broadcast_to(ok[:, None, :], (starts.shape[0], C, S))
+    return xp.concatenate([past, xp.ones((starts.shape[0], C, C), dtype=bool)], axis=-1)
 
 
-def denoiser(xp, params, cfg, xt, start: int, keys, values, sc_logits=None):
-    """One denoising pass over the canvas xt [C] at positions start … start + C - 1, reading the encoder's
-    keys/values of the positions before it; sc_logits [C, V] (detached) or None."""
-    C = xt.shape[0]
-    pos = xp.arange(start, start + C)
+def denoiser(xp, params, cfg, xt, starts, keys, values, sc_logits=None, sc_rows=None):
+    """One denoising pass over the canvases xt [B, C], row b at positions starts[b] … starts[b] + C - 1,
+    reading the encoder's keys/values [B, S, nkv, hd] of the positions before it. Self-conditioning:
+    sc_logits [n, C, V] (detached) for the rows sc_rows [n], or None. -> (logits [B, C, V], saved)"""
+    C = xt.shape[-1]
+    pos = starts[:, None] + xp.arange(C)[None, :]                       # [B, C]
     x, s_emb = ops.embed(xp, xt, params[f"{DEC}.embed_tokens.weight"], cfg.hidden_size ** 0.5)
     s_sc = None
     if sc_logits is not None:
@@ -92,16 +104,16 @@ def denoiser(xp, params, cfg, xt, start: int, keys, values, sc_logits=None):
         soft, s_soft = ops.soft_embedding(xp, probs, params[f"{DEC}.embed_tokens.weight"], cfg.hidden_size ** 0.5)
         n, s_pre = ops.rms_norm(xp, soft, params[f"{DEC}.self_conditioning.pre_norm.weight"], cfg.rms_norm_eps)
         m, s_mlp = ops.mlp(xp, n, *(params[f"{DEC}.self_conditioning.{p}_proj.weight"] for p in ("gate", "up", "down")))
-        x = x + m
-        s_sc = (s_soft, s_pre, s_mlp)
+        x[sc_rows] += m                                                 # the other rows: no signal at all
+        s_sc = (s_soft, s_pre, s_mlp, sc_rows)
     h, s_post = ops.rms_norm(xp, x, None, cfg.rms_norm_eps)              # the weightless post_norm
     saved = []
     for i, lc in enumerate(cfg.layers):
-        a, pk = context(cfg, lc, keys[i], start)
-        _, pv = context(cfg, lc, values[i], start)
+        mask = context_mask(xp, cfg, lc, starts, keys[i].shape[-3], C)
         h, _, _, s = layer_forward(xp, layer_params(params, i), lc, cfg.rms_norm_eps, cfg.top_k_experts, h, pos,
-                                   xp.asarray(lc.inv_freq), pk, pv, None, params[f"{DEC}.layers.{i}.layer_scalar"])
-        saved.append((a, s))
+                                   xp.asarray(lc.inv_freq), keys[i], values[i], mask,
+                                   params[f"{DEC}.layers.{i}.layer_scalar"])
+        saved.append(s)
     logits, s_head = head(xp, params, cfg, h)
     return logits, (s_emb, s_sc, s_post, saved, s_head)
 
@@ -120,28 +132,52 @@ def load_params(folder, dtype="float32", xp=None) -> tuple:
     return cfg, {n: xp.asarray(np.array(dense(w), dtype=dtype)) for n, w in weights.items()}   # writable copies
 
 
-def loss_and_grads(xp, params, cfg, ids, b: int, xt, use_sc: bool, prompt_len: int, backward: bool = True,
-                   weights=(1.0, 1.0)):
-    """One example. ids [S] the clean prompt + canvases, canvas b (at prompt_len + b·C) corrupted into xt.
-    -> (decoder loss, encoder loss, grads {name: array} of weights[0]·dec + weights[1]·enc; None without
-    backward). The weights let a batch combine examples as a mean over all of its positions."""
-    C = xt.shape[0]
-    start = prompt_len + b * C
-    enc_logits, keys, values, s_enc = encoder(xp, params, cfg, ids)
-    enc_loss, d_enc = cross_entropy(xp, enc_logits[:-1], ids[1:])
-    x0 = ids[start:start + C]
-    sc = None
-    if use_sc:                                                          # pass 1 (its result is a constant)
-        sc, _ = denoiser(xp, params, cfg, xt, start, keys, values)
-    logits, s_dec = denoiser(xp, params, cfg, xt, start, keys, values, sc)
-    dec_loss, d_dec = cross_entropy(xp, logits, x0)
+class Batch:
+    """One training batch as arrays. Example b: the clean sequence ids[b, :lengths[b]] (prompt + its answer
+    canvases; right-padded with `pad`), its corrupted canvas xt[b] standing at positions starts[b] …
+    starts[b] + C - 1 (in place of ids there), and whether pass 2 self-conditions on pass 1 (use_sc[b])."""
+
+    def __init__(self, xp, examples, pad: int = 0):
+        """examples: (ids [S_b], first position of the corrupted canvas, xt [C], use_sc) per example."""
+        S = max(len(e[0]) for e in examples)
+        ids = [list(map(int, e[0])) + [pad] * (S - len(e[0])) for e in examples]
+        self.ids = xp.asarray(ids, dtype=xp.int64)                              # [B, S]
+        self.lengths = xp.asarray([len(e[0]) for e in examples])                # [B]
+        self.starts = xp.asarray([int(e[1]) for e in examples])                 # [B]
+        self.xt = xp.asarray([list(map(int, e[2])) for e in examples], dtype=xp.int64)   # [B, C]
+        self.use_sc = xp.asarray([bool(e[3]) for e in examples])               # [B]
+        C = self.xt.shape[1]
+        self.x0 = xp.take_along_axis(self.ids, self.starts[:, None] + xp.arange(C)[None, :], axis=1)
+
+    def __len__(self):
+        return self.ids.shape[0]
+
+
+def loss_and_grads(xp, params, cfg, batch: Batch, backward: bool = True, loss_weights=(1.0, 1.0)):
+    """-> (decoder loss, encoder loss, grads {name: array} of w_dec · dec + w_enc · enc; None without backward).
+    Each loss is a mean over its positions in the whole batch (the canvases' B·C; the encoder's next-token
+    pairs). The release weighs the two alike: loss_weights (1, 1)."""
+    B, S = batch.ids.shape
+    C = batch.xt.shape[1]
+    enc_logits, keys, values, s_enc = encoder(xp, params, cfg, batch.ids)
+    pairs = xp.arange(S - 1)[None, :] < (batch.lengths - 1)[:, None]   # [B, S-1]: token i+1 in the sequence
+    enc_weight = (pairs / pairs.sum()).astype(enc_logits.dtype).reshape(-1)
+    enc_loss, d_enc = cross_entropy(xp, enc_logits[:, :-1].reshape(B * (S - 1), -1), batch.ids[:, 1:].reshape(-1),
+                                    enc_weight)
+    sc, rows = None, xp.flatnonzero(batch.use_sc)
+    if rows.size:                                                       # pass 1 (its result is a constant)
+        sc, _ = denoiser(xp, params, cfg, batch.xt[rows], batch.starts[rows], [k[rows] for k in keys],
+                         [v[rows] for v in values])
+    logits, s_dec = denoiser(xp, params, cfg, batch.xt, batch.starts, keys, values, sc, rows)
+    dec_weight = xp.full(B * C, 1.0 / (B * C), dtype=logits.dtype)
+    dec_loss, d_dec = cross_entropy(xp, logits.reshape(B * C, -1), batch.x0.reshape(-1), dec_weight)
     if not backward:
         return float(dec_loss), float(enc_loss), None
 
     grads, dkeys, dvalues = {}, [xp.zeros_like(k) for k in keys], [xp.zeros_like(v) for v in values]
-    denoiser_backward(xp, params, cfg, d_dec * weights[0], s_dec, dkeys, dvalues, grads)
+    denoiser_backward(xp, params, cfg, d_dec.reshape(logits.shape) * loss_weights[0], s_dec, dkeys, dvalues, grads)
     d_full = xp.zeros_like(enc_logits)
-    d_full[:-1] = d_enc * weights[1]
+    d_full[:, :-1] = d_enc.reshape(B, S - 1, -1) * loss_weights[1]
     encoder_backward(xp, params, cfg, d_full, s_enc, dkeys, dvalues, grads)
     return float(dec_loss), float(enc_loss), grads
 
@@ -151,16 +187,15 @@ def denoiser_backward(xp, params, cfg, dlogits, saved, dkeys, dvalues, grads):
     s_emb, s_sc, s_post, layers, s_head = saved
     dh = head_backward(xp, dlogits, s_head, grads)
     for i in reversed(range(len(layers))):
-        a, s = layers[i]
-        dh, dpk, dpv, g, _ = layer_backward(xp, dh, None, None, s)     # layer scalars are buffers: not trained
-        dkeys[i][a:a + dpk.shape[0]] += dpk
-        dvalues[i][a:a + dpv.shape[0]] += dpv
+        dh, dpk, dpv, g, _ = layer_backward(xp, dh, None, None, layers[i])   # layer scalars are buffers
+        dkeys[i] += dpk
+        dvalues[i] += dpv
         _add_layer(grads, i, g)
     dx, _ = ops.rms_norm_backward(xp, dh, s_post)
     _add(grads, f"{DEC}.embed_tokens.weight", ops.embed_backward(xp, dx, s_emb))
     if s_sc is not None:
-        s_soft, s_pre, s_mlp = s_sc
-        dn, *dw = ops.mlp_backward(xp, dx, s_mlp)
+        s_soft, s_pre, s_mlp, rows = s_sc
+        dn, *dw = ops.mlp_backward(xp, dx[rows], s_mlp)
         for p, d in zip(("gate", "up", "down"), dw):
             _add(grads, f"{DEC}.self_conditioning.{p}_proj.weight", d)
         dsoft, dpre = ops.rms_norm_backward(xp, dn, s_pre)

@@ -74,11 +74,12 @@ def softcap_backward(xp, dy, saved):
 
 
 def rope(xp, x, positions, inv_freq):
-    """x [T, n, hd] rotated pairwise (dims i, i + hd/2) by the angle position · inv_freq[i] (model.rope).
-    The angles, cos and sin are float32 whatever x's dtype, as in the model and the reference."""
-    ang = positions.astype(xp.float32)[:, None] * inv_freq.astype(xp.float32)[None, :]
-    cos = xp.cos(xp.concatenate([ang, ang], axis=-1)).astype(x.dtype)[:, None, :]
-    sin = xp.sin(xp.concatenate([ang, ang], axis=-1)).astype(x.dtype)[:, None, :]
+    """x [..., T, n, hd] rotated pairwise (dims i, i + hd/2) by the angle position · inv_freq[i] (model.rope);
+    positions [T], or [B, T] for a batch whose rows start at different places. The angles, cos and sin are
+    float32 whatever x's dtype, as in the model and the reference."""
+    ang = positions.astype(xp.float32)[..., None] * inv_freq.astype(xp.float32)        # [..., T, hd/2]
+    cos = xp.cos(xp.concatenate([ang, ang], axis=-1)).astype(x.dtype)[..., None, :]     # [..., T, 1, hd]
+    sin = xp.sin(xp.concatenate([ang, ang], axis=-1)).astype(x.dtype)[..., None, :]
     half = x.shape[-1] // 2
     rotated = xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin, (cos, sin)
@@ -130,30 +131,33 @@ def mlp_backward(xp, dy, saved):
 
 def attention(xp, q, k, v, mask=None):
     """o = softmax(q kᵀ + mask) v per head, scale 1.0, KV head j serving query heads j·rep … j·rep + rep - 1.
-    q [T, nh, hd], k/v [S, nkv, hd], mask [T, S] bool (True = may attend) -> o [T, nh · hd]."""
-    T, nh, hd = q.shape
-    nkv = k.shape[1]
+    q [..., T, nh, hd], k/v [..., S, nkv, hd], mask [..., T, S] bool (True = may attend) -> o [..., T, nh · hd].
+    The leading axes (none, or a batch) are carried through."""
+    *lead, T, nh, hd = q.shape
+    nkv = k.shape[-2]
     rep = nh // nkv
-    qg = q.reshape(T, nkv, rep, hd).transpose(1, 2, 0, 3)               # [nkv, rep, T, hd]
-    s = qg @ k.transpose(1, 2, 0)[:, None]                              # [nkv, rep, T, S]
+    qg = xp.moveaxis(q.reshape(*lead, T, nkv, rep, hd), -4, -2)         # [..., nkv, rep, T, hd]
+    kt = xp.moveaxis(k, -3, -1)[..., :, None, :, :]                     # [..., nkv, 1, hd, S]
+    vg = xp.moveaxis(v, -3, -2)[..., :, None, :, :]                     # [..., nkv, 1, S, hd]
+    s = qg @ kt                                                         # [..., nkv, rep, T, S]
     if mask is not None:
-        s = xp.where(mask, s, -xp.inf)
+        s = xp.where(mask[..., None, None, :, :], s, -xp.inf)
     p, _ = softmax(xp, s)
-    o = p @ v.transpose(1, 0, 2)[:, None]                               # [nkv, rep, T, hd]
-    return o.transpose(2, 0, 1, 3).reshape(T, nh * hd), (qg, k, v, p)
+    o = p @ vg                                                          # [..., nkv, rep, T, hd]
+    return xp.moveaxis(o, -2, -4).reshape(*lead, T, nh * hd), (qg, kt, vg, p)
 
 
 def attention_backward(xp, do, saved):
     """dV = Pᵀ dO;  dP = dO Vᵀ;  dS = P · (dP - Σ dP · P);  dQ = dS K;  dK = dSᵀ Q   (grouped heads summed
-    into their KV head).  -> (dq [T, nh, hd], dk [S, nkv, hd], dv [S, nkv, hd])"""
-    qg, k, v, p = saved
-    nkv, rep, T, hd = qg.shape
-    do = do.reshape(T, nkv, rep, hd).transpose(1, 2, 0, 3)              # [nkv, rep, T, hd]
-    dv = (p.transpose(0, 1, 3, 2) @ do).sum(axis=1).transpose(1, 0, 2)  # [S, nkv, hd]
-    dp = do @ v.transpose(1, 2, 0)[:, None]                             # [nkv, rep, T, S]
+    into their KV head).  -> (dq [..., T, nh, hd], dk [..., S, nkv, hd], dv [..., S, nkv, hd])"""
+    qg, kt, vg, p = saved
+    *lead, nkv, rep, T, hd = qg.shape
+    do = xp.moveaxis(do.reshape(*lead, T, nkv, rep, hd), -4, -2)        # [..., nkv, rep, T, hd]
+    dv = xp.moveaxis((xp.swapaxes(p, -1, -2) @ do).sum(axis=-3), -3, -2)         # [..., S, nkv, hd]
+    dp = do @ xp.swapaxes(vg, -1, -2)                                   # [..., nkv, rep, T, S]
     ds = softmax_backward(xp, dp, p)
-    dq = (ds @ k.transpose(1, 0, 2)[:, None]).transpose(2, 0, 1, 3).reshape(T, nkv * rep, hd)
-    dk = (ds.transpose(0, 1, 3, 2) @ qg).sum(axis=1).transpose(1, 0, 2)
+    dq = xp.moveaxis(ds @ xp.swapaxes(kt, -1, -2), -2, -4).reshape(*lead, T, nkv * rep, hd)
+    dk = xp.moveaxis((xp.swapaxes(ds, -1, -2) @ qg).sum(axis=-3), -3, -2)
     return dq, dk, dv
 
 
@@ -180,9 +184,9 @@ def soft_embedding(xp, probs, E, scale):
 
 
 def soft_embedding_backward(xp, ds, saved):
-    """dE = probsᵀ ds · scale   -> dE"""
+    """dE = probsᵀ ds · scale   (rows of every leading axis summed)   -> dE"""
     probs, scale = saved
-    return probs.T @ ds * scale
+    return probs.reshape(-1, probs.shape[-1]).T @ ds.reshape(-1, ds.shape[-1]) * scale
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,8 +215,8 @@ def route_backward(xp, dw, saved):
     -> (dres, dscale, dproj, dper_expert_scale)"""
     sn, n, r, scale, proj, pes, p, ids, top, total, H = saved
     w_over_pes = top / total                                            # the renormalised probabilities
-    dpes = xp.zeros(pes.shape, dtype=dw.dtype)
-    xp.add.at(dpes, ids.reshape(-1), (dw * w_over_pes).reshape(-1))
+    dpes = xp.bincount(ids.reshape(-1), weights=(dw * w_over_pes).reshape(-1),
+                       minlength=pes.shape[0]).astype(dw.dtype)
     dq = dw * pes[ids]                                                  # d(top / total)
     dtop = (dq - (dq * w_over_pes).sum(axis=-1, keepdims=True)) / total
     dp = xp.zeros(p.shape, dtype=dw.dtype)
@@ -242,7 +246,7 @@ def experts(xp, x, ids, w, gate_up, down):
         act, sa = gelu_tanh(xp, gu[:, :Ie])
         h = act * gu[:, Ie:]
         out = h @ down[e].T                                             # [n, H]
-        xp.add.at(y, t, w.reshape(-1)[a][:, None] * out)
+        y[t] += w.reshape(-1)[a][:, None] * out                        # t has no repeats: top-k ids differ
         groups.append((e, a, t, gu, act, sa, h, out))
     return y, (x, w, gate_up, down, groups, Ie)
 
@@ -264,5 +268,5 @@ def experts_backward(xp, dy, saved):
         dgate = gelu_tanh_backward(xp, dh * gu[:, Ie:], sa)
         dgu = xp.concatenate([dgate, dh * act], axis=-1)                # [n, 2Ie]
         dgu_all[e] = dgu.T @ x[t]
-        xp.add.at(dx, t, dgu @ gate_up[e])
+        dx[t] += dgu @ gate_up[e]
     return dx, dw.reshape(w.shape), dgu_all, ddown_all

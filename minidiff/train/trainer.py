@@ -22,7 +22,7 @@ import numpy as np
 
 from ..errors import MinidiffError
 from ..output import Temporaries, write_atomic
-from .objective import load_params, loss_and_grads
+from .objective import Batch, load_params, loss_and_grads
 
 TURN_END, EOS = 106, 1
 T_LO, T_HI, SC_PROB = 1e-3, 1 - 1e-3, 0.5
@@ -95,7 +95,7 @@ def batch_grads(xp, params, cfg, examples, rng, s: Settings):
     C, V = cfg.canvas_length, cfg.vocab_size
     chosen = rng.choice(len(examples), size=min(s.batch, len(examples)), replace=False)
     drawn = []
-    for i in chosen:
+    for i in chosen:                                                    # the draws only: the maths is batched
         p, r, n = examples[i]
         b = int(rng.integers(0, n))
         t = T_LO + (T_HI - T_LO) * rng.random()
@@ -103,16 +103,9 @@ def batch_grads(xp, params, cfg, examples, rng, s: Settings):
         noise = rng.integers(0, V, C)
         use = bool(rng.random() < SC_PROB)
         x0 = r[b * C:(b + 1) * C]
-        drawn.append((np.concatenate([p, r]), b, np.where(corrupt, noise, x0), use, len(p)))
-    B, n_enc = len(drawn), [len(ids) - 1 for ids, *_ in drawn]
-    dec = enc = 0.0
-    grads = {}
-    for (ids, b, xt, use, plen), n in zip(drawn, n_enc):
-        d, e, g = loss_and_grads(xp, params, cfg, xp.asarray(ids), b, xp.asarray(xt), use, plen,
-                                 weights=(1 / B, n / sum(n_enc)))
-        dec, enc = dec + d / B, enc + e * n / sum(n_enc)
-        for k, v in g.items():
-            grads[k] = grads[k] + v if k in grads else v
+        drawn.append((np.concatenate([p, r]), len(p) + b * C, np.where(corrupt, noise, x0), use))
+    batch = Batch(xp, drawn, pad=cfg.pad_token_id or 0)
+    dec, enc, grads = loss_and_grads(xp, params, cfg, batch)
     return dec, enc, grads, sum(len(ids) for ids, *_ in drawn)
 
 
