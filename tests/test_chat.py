@@ -51,13 +51,43 @@ def test_same_as_transformers(tpl, i, thinking):
     assert tpl.render(CONVERSATIONS[i], enable_thinking=thinking) == want
 
 
-def test_tools_render_with_unescaped_json(tpl):
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather <now> & later",
-                                               "parameters": {"type": "object", "properties": {
-                                                   "city": {"type": "string", "description": "City"}},
-                                                   "required": ["city"]}}}]
-    out = tpl.render(CONVERSATIONS[0], tools=tools)
-    assert "<|tool>" in out and "get_weather" in out and "Weather <now> & later" in out
+def test_more_plain_chat_as_the_release_template_writes_it(tpl):
+    """The project's template renders plain chat as the release's Gemma 4 template does (these strings were
+    rendered by the template of the trl 1.16.0 wheel, which the first default model used)."""
+    cases = [
+        ([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi"}], {},
+         "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"),
+        ([{"role": "system", "content": "A"}, {"role": "system", "content": "B"}, {"role": "user", "content": "Hi"}], {},
+         "<bos><|turn>system\nA<turn|>\n<|turn>system\nB<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n"),
+        ([{"role": "user", "content": "Hi"}, {"role": "model", "content": "Yo"}], {"add_generation_prompt": False},
+         "<bos><|turn>user\nHi<turn|>\n<|turn>model\nYo<turn|>\n"),
+        ([{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "you"}]}], {},
+         "<bos><|turn>user\nHiyou<turn|>\n<|turn>model\n"),
+        ([{"role": "user", "content": "  Hi  "}], {"add_generation_prompt": False}, "<bos><|turn>user\nHi<turn|>\n"),
+        ([], {}, "<bos><|turn>model\n"),
+    ]
+    for messages, kw, want in cases:
+        assert tpl.render(messages, **kw) == want
+
+
+@pytest.mark.parametrize("messages, kw, why", [
+    ([{"role": "user", "content": "Hi"}], {"tools": [{"type": "function", "function": {"name": "f"}}]}, "no tools"),
+    ([{"role": "user", "content": [{"type": "image", "url": "x.png"}]}], {}, "text only"),
+    ([{"role": "tool", "content": "42"}], {}, "unknown role 'tool'"),
+    ([{"role": "user", "content": {"text": "Hi"}}], {}, "a string or a list of text parts"),
+])
+def test_what_the_model_cannot_read_is_one_error(tpl, messages, kw, why):
+    """The default model's template refuses images, tools and unknown roles instead of writing tokens the
+    model was never trained on."""
+    with pytest.raises(MinidiffError, match=why) as e:
+        tpl.render(messages, **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_tojson_is_unescaped_as_in_transformers():
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather <now> & later"}}]
+    out = ChatTemplate("{{ tools | tojson }}").render([], tools=tools)
+    assert json.loads(out) == tools and "<now> & later" in out
 
 
 def test_sandbox_blocks_unsafe_templates():

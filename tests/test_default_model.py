@@ -1,4 +1,4 @@
-"""The embedded default model is a trained toy memoriser (tools/train_default_model.py, docs/default_model.md).
+"""The embedded default model is a trained toy memoriser (trained by minidiff: tools/make_default_model.py, docs/default_model.md).
 
 NumPy only: no torch. The README's prompt must come back as the memorised haiku, the denoising must stop
 early (adaptive stop), and the answer must end at a stop id.

@@ -82,7 +82,7 @@ def test_cli_refusals(tmp_path, data):
 
 def test_adamw_and_schedule_equal_torch():
     """adamw_step (clipping + AdamW with bias correction, decoupled decay) against torch.optim.AdamW with
-    clip_grad_norm_, and lr_at against the LambdaLR schedule of tools/train_default_model.py."""
+    clip_grad_norm_, and lr_at against the LambdaLR schedule the torch trainer of the first default model used."""
     torch = pytest.importorskip("torch")
     import math
     from minidiff.train.trainer import adamw_step, lr_at
@@ -120,3 +120,18 @@ def test_a_training_checkpoint_quantizes_and_loads(tmp_path, data):
     ids = np.array([2, 10, 11, 12])
     la, lb = a.denoise(ids, a.encode(ids)), b.denoise(ids, b.encode(ids))
     assert np.isfinite(lb).all() and np.abs(la - lb).max() < 0.5 * np.abs(la).max()
+
+
+def test_progress_eta_of_a_resumed_sitting(monkeypatch):
+    """The ETA is this sitting's pace times the steps left: a sitting resumed at step 300 of 400 that took
+    10 s for its first 10 steps has 90 s to go (not the 30 s that dividing by the run's step 310 gives)."""
+    import io
+
+    from minidiff.train import trainer
+    clock = iter(float(t) for t in range(11))            # the sitting starts at 0, then one step a second
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    p = trainer.Progress(out)
+    for step in range(301, 311):
+        p(step, 400, 0.5, 0.5, 100.0, 1e-3, 1.0)
+    assert out.getvalue().splitlines()[-1].endswith("ETA 1m30s"), out.getvalue()

@@ -1,5 +1,5 @@
 """The whole training loss and its gradient, by hand (minidiff/train/objective.py), against the torch
-reference that trained the embedded default model (tools/train_default_model.py: loss_fn), on the same
+reference of the objective (tools/torch_reference_objective.py: loss_fn), on the same
 batch and the same random draws: the losses equal, and every weight's gradient within 1e-6 relative in
 float64 (float32 noise otherwise)."""
 
@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-import train_default_model as ref_train  # noqa: E402
+import torch_reference_objective as ref_train  # noqa: E402
 from minidiff.train.objective import Batch, load_params, loss_and_grads  # noqa: E402
 from test_train_layer import float64_throughout  # noqa: E402
 

@@ -99,6 +99,27 @@ def evaluate(folder: Path, items: list, seed: int = 0, batch: int = 16) -> dict:
                 "mean_steps": v["steps"] / v["n"]} for k, v in stats.items()}
 
 
+def held_out(run: Path, counts: dict) -> list:
+    """(puzzle, solution) texts per bin, drawn from a fixed generator (seed 99), none of them a puzzle the
+    run trained on (its data file is named in trainer_state.json): a drawn training puzzle is drawn again."""
+    seen = set()
+    state = run / "trainer_state.json"
+    if state.is_file():
+        data = Path(json.loads(state.read_text())["data"])
+        if data.is_file():
+            seen = {p for p, _ in json.loads(data.read_text())["pairs"]}
+    rng = random.Random(99)
+    items = []
+    for name, n in counts.items():
+        drawn = 0
+        while drawn < n:
+            p, s = sudoku.random_puzzle(rng, name)
+            if sudoku.to_text(p) not in seen:
+                items.append([sudoku.to_text(p), sudoku.to_text(s)])
+                drawn += 1
+    return items
+
+
 QUANTIZED = {"int4-g32": ["--group-size", "32"], "int4-g128": ["--group-size", "128"], "nvfp4": ["--format", "nvfp4"]}
 
 
@@ -123,12 +144,14 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--per-bin", type=int, default=20, help="evaluation puzzles per difficulty bin")
+    ap.add_argument("--medium", type=int, help="evaluation puzzles of the medium bin (default: --per-bin)")
+    ap.add_argument("--run", help="the trained model folder (default: OUT/run)")
     ap.add_argument("--eval-only", action="store_true")
     ap.add_argument("--quantized", action="store_true", help="also evaluate int4 g32 / g128 and NVFP4 copies")
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
-    base, run = out / "init", out / "run"
+    base, run = out / "init", Path(args.run) if args.run else out / "run"
     if not args.eval_only:
         if not args.resume:
             make_folder(base)
@@ -138,12 +161,8 @@ def main():
             print(f"{len(data)} training puzzles in {time.perf_counter() - t:.0f} s", flush=True)
         s = Settings(steps=args.steps, batch=args.batch, lr=args.lr, save_every=50)
         train(base, out / "train.json", run, s, resume=args.resume, from_scratch=not args.resume, progress=Progress())
-    rng = random.Random(99)
-    items = []
-    for name, _, _ in sudoku.BINS:
-        for _ in range(args.per_bin):
-            p, s = sudoku.random_puzzle(rng, name)
-            items.append([sudoku.to_text(p), sudoku.to_text(s)])
+    items = held_out(run, {name: args.per_bin for name, _, _ in sudoku.BINS} | (
+        {"medium": args.medium} if args.medium else {}))
     report = evaluate_quantized(run, out, items) if args.quantized else evaluate(run, items)
     print(json.dumps(report, indent=1))
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")

@@ -247,11 +247,13 @@ class Progress:
     """One line on stderr, redrawn in place on a terminal: step, losses, tokens/s, ETA."""
 
     def __init__(self, stream=sys.stderr):
-        self.stream, self.t0 = stream, time.perf_counter()
+        self.stream, self.t0, self.first = stream, time.perf_counter(), None
         self.tty = getattr(stream, "isatty", lambda: False)()
 
     def __call__(self, step, steps, dec, enc, tok_s, lr, norm):
-        left = (time.perf_counter() - self.t0) / step * (steps - step) if step else 0
+        if self.first is None:                  # a resumed sitting starts mid-run: its own pace, not the run's
+            self.first = step - 1
+        left = (time.perf_counter() - self.t0) / (step - self.first) * (steps - step)
         line = (f"step {step}/{steps}  loss {dec + enc:.4f} (dec {dec:.4f} enc {enc:.4f})  {tok_s:.0f} tok/s  "
                 f"lr {lr:.2e}  |g| {norm:.2f}  ETA {int(left // 60)}m{int(left % 60):02d}s")
         if self.tty:
