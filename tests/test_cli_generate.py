@@ -23,13 +23,13 @@ def run_cli(argv, capsys, monkeypatch, stdin=None, tty=False):
 
 
 def test_generate_plain_and_deterministic(capsys, monkeypatch):
-    rc, out, err = run_cli(["generate", "Hello", "--seed", "3", "--steps", "6"], capsys, monkeypatch)
+    rc, out, err = run_cli(["generate", "Write a haiku about the forest", "--seed", "3", "--steps", "6"], capsys, monkeypatch)
     assert rc == 0 and out.endswith("\n") and "\x1b[" not in out            # not a terminal: plain text
     assert err.count("\n") == 1 and re.match(r"minidiff: (1 canvas|[234] canvases), steps per canvas 6(/6)*, ", err)
     assert "tokens/forward" in err and "tokens/s" in err and "seed 3" in err
-    rc2, out2, _ = run_cli(["generate", "Hello", "--seed", "3", "--steps", "6"], capsys, monkeypatch)
+    rc2, out2, _ = run_cli(["generate", "Write a haiku about the forest", "--seed", "3", "--steps", "6"], capsys, monkeypatch)
     assert out2 == out
-    rc3, out3, _ = run_cli(["generate", "Hello", "--seed", "4", "--steps", "6"], capsys, monkeypatch)
+    rc3, out3, _ = run_cli(["generate", "Write a haiku about the forest", "--seed", "4", "--steps", "6"], capsys, monkeypatch)
     assert out3 != out
 
 
