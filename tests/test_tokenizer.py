@@ -54,7 +54,9 @@ def test_default_model_folder_is_small_and_documented():
     total = sum(f.stat().st_size for f in FOLDER.iterdir())
     assert total < 2_000_000
     readme = (FOLDER / "README.md").read_text()
-    assert "random" in readme and "gibberish" in readme and "trl" in readme
+    assert "random" in readme and "gibberish" in readme and "minidiff train" in readme
+    assert "minidiff's own chat template" in readme           # written for the project, not copied
+    assert "trl" not in (FOLDER / "chat_template.jinja").read_text().lower()
     gen = json.loads((FOLDER / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [1, 106, 50] and gen["sampler_config"]["entropy_bound"] == 0.1
     assert gen["max_denoising_steps"] == 48 and gen["t_min"] == 0.4 and gen["t_max"] == 0.8
