@@ -135,3 +135,17 @@ def test_progress_eta_of_a_resumed_sitting(monkeypatch):
     for step in range(301, 311):
         p(step, 400, 0.5, 0.5, 100.0, 1e-3, 1.0)
     assert out.getvalue().splitlines()[-1].endswith("ETA 1m30s"), out.getvalue()
+
+
+def test_device_cuda_without_a_gpu_is_one_error(tmp_path, data):
+    """`--device cuda` where CuPy or a GPU is missing: one line, exit 2, nothing written."""
+    try:
+        import cupy
+        if cupy.cuda.runtime.getDeviceCount() > 0:
+            pytest.skip("a GPU is present: tests/test_gpu_train.py trains on it")
+    except Exception:
+        pass
+    p = subprocess.run([sys.executable, "-m", "minidiff", "train", "--data", str(data), "--out", str(tmp_path / "o"),
+                        "--device", "cuda"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stderr.startswith("minidiff: error: device 'cuda'") and p.stderr.count("\n") == 1
+    assert not (tmp_path / "o").exists()

@@ -11,6 +11,6 @@ PY="${PYTHON:-python3}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import cupy, numpy; print('cupy', cupy.__version__, 'numpy', numpy.__version__)" | tee -a "$OUT/gpu.txt"
 $PY tools/compile_kernels.py 2>&1 | tee "$OUT/compile.log"
-timeout 240 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu_kernels.py tests/test_cupy_backend.py \
+timeout 240 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu_kernels.py tests/test_cupy_backend.py tests/test_gpu_train.py \
     2>&1 | tee "$OUT/gpu_tests.log"
 timeout 420 $PY tools/bench_gpu.py --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.log"

@@ -241,6 +241,8 @@ def add_arguments(p):
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="end this sitting after N steps, with a checkpoint (--resume goes on later)")
     p.add_argument("--force", action="store_true", help="replace a training run already in --out")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="NumPy (cpu) or CuPy (cuda); the draws stay on the host, so both see the same batches")
 
 
 class Progress:
@@ -278,8 +280,10 @@ def run(args) -> int:
                  save_every=args.save_every)
     if args.stop_after is not None and args.stop_after < 1:
         raise MinidiffError("--stop-after must be at least 1")
+    from ..backend import get_xp
+    xp = get_xp(args.device)                           # before anything is written: a missing GPU is one error
     res = train(args.model, args.data, out, s, resume=args.resume, from_scratch=args.from_scratch,
-                progress=Progress(), stop_after=args.stop_after)
+                progress=Progress(), stop_after=args.stop_after, xp=xp)
     h = res["history"][-1]
     print(json.dumps({"wrote": str(out), "step": res["step"], "of": res["steps"],
                       "loss": {"dec": h[1], "enc": h[2]}}))
