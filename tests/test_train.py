@@ -149,3 +149,22 @@ def test_device_cuda_without_a_gpu_is_one_error(tmp_path, data):
                         "--device", "cuda"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and p.stderr.startswith("minidiff: error: device 'cuda'") and p.stderr.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_a_sitting_ended_by_the_clock_resumes_exactly(tmp_path, data, monkeypatch):
+    """--stop-after-minutes ends a sitting at the first step that finishes after the time, with a
+    checkpoint; resuming gives the bits of a run that never stopped."""
+    from minidiff.train import trainer
+    s = Settings(steps=6, batch=2, warmup=2, save_every=100)
+    train(None, data, tmp_path / "a", s)
+    clock = iter(range(1000))                          # each call of the clock: one more second
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: float(next(clock)))
+    res = train(None, data, tmp_path / "b", s, stop_after_seconds=2.5)
+    assert res["step"] == 3 and json.loads((tmp_path / "b" / "trainer_state.json").read_text())["step"] == 3
+    monkeypatch.undo()
+    train(None, data, tmp_path / "b", Settings(), resume=True)
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    p = subprocess.run([sys.executable, "-m", "minidiff", "train", "--data", str(data), "--out", str(tmp_path / "c"),
+                        "--stop-after-minutes", "0"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--stop-after-minutes must be > 0" in p.stderr

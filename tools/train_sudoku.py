@@ -101,13 +101,16 @@ def evaluate(folder: Path, items: list, seed: int = 0, batch: int = 16) -> dict:
 
 def held_out(run: Path, counts: dict) -> list:
     """(puzzle, solution) texts per bin, drawn from a fixed generator (seed 99), none of them a puzzle the
-    run trained on (its data file is named in trainer_state.json): a drawn training puzzle is drawn again."""
+    run trained on (train_pairs.json in the run folder, else the file its trainer_state.json names): a drawn
+    training puzzle is drawn again."""
     seen = set()
-    state = run / "trainer_state.json"
-    if state.is_file():
-        data = Path(json.loads(state.read_text())["data"])
-        if data.is_file():
-            seen = {p for p, _ in json.loads(data.read_text())["pairs"]}
+    data = run / "train_pairs.json"
+    if not data.is_file() and (run / "trainer_state.json").is_file():
+        data = Path(json.loads((run / "trainer_state.json").read_text())["data"])
+    if data.is_file():
+        seen = {p for p, _ in json.loads(data.read_text())["pairs"]}
+    elif (run / "trainer_state.json").is_file():
+        raise SystemExit(f"{run}: its training data is not found: cannot tell held-out puzzles from trained ones")
     rng = random.Random(99)
     items = []
     for name, n in counts.items():

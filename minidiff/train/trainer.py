@@ -169,9 +169,11 @@ def load_state(out: Path) -> tuple:
 
 
 def train(source, data, out, settings: Settings, resume: bool = False, from_scratch: bool = False,
-          progress=None, stop_after: int | None = None, xp=np) -> dict:
+          progress=None, stop_after: int | None = None, xp=np, stop_after_seconds: float | None = None) -> dict:
     """Train and write checkpoints into `out`. -> the final trainer state (its `history` has the losses).
-    stop_after: end this sitting after that many steps (saving a checkpoint); `resume` continues it."""
+    stop_after: end this sitting after that many steps (saving a checkpoint); `resume` continues it.
+    stop_after_seconds: end it at the first step that finishes after that much time (also with a checkpoint);
+    the result does not depend on where sittings end."""
     out = Path(out)
     if resume:
         if not (out / "trainer_state.json").is_file():
@@ -197,6 +199,7 @@ def train(source, data, out, settings: Settings, resume: bool = False, from_scra
     t0 = time.perf_counter()
     tokens = 0
     end = settings.steps if stop_after is None else min(settings.steps, step0 + stop_after)
+    step = step0 - 1
     for step in range(step0, end):
         dec, enc, grads, n = batch_grads(xp, params, cfg, examples, rng, settings)
         grads = {k: v for k, v in grads.items() if k in trainable}
@@ -206,11 +209,14 @@ def train(source, data, out, settings: Settings, resume: bool = False, from_scra
         history.append([step, round(dec, 6), round(enc, 6)])
         if progress:
             progress(step + 1, settings.steps, dec, enc, tokens / (time.perf_counter() - t0), lr, norm)
-        if step + 1 == end or (step + 1) % settings.save_every == 0:
+        out_of_time = stop_after_seconds is not None and time.perf_counter() - t0 >= stop_after_seconds
+        if step + 1 == end or (step + 1) % settings.save_every == 0 or out_of_time:
             meta = {"step": step + 1, "rng": rng.bit_generator.state, "settings": asdict(settings),
                     "source": str(source), "data": str(data), "history": history, "from_scratch": from_scratch}
             save_checkpoint(out, source, params, state, meta)
-    return {"step": end, "steps": settings.steps, "history": history}
+        if out_of_time:
+            break
+    return {"step": step + 1, "steps": settings.steps, "history": history}
 
 
 def init_params(xp, params, rng):
@@ -240,6 +246,8 @@ def add_arguments(p):
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out (its own settings)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="end this sitting after N steps, with a checkpoint (--resume goes on later)")
+    p.add_argument("--stop-after-minutes", type=float, default=None, metavar="M",
+                   help="end this sitting at the first step that finishes after M minutes, with a checkpoint")
     p.add_argument("--force", action="store_true", help="replace a training run already in --out")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="NumPy (cpu) or CuPy (cuda); the draws stay on the host, so both see the same batches")
@@ -280,10 +288,14 @@ def run(args) -> int:
                  save_every=args.save_every)
     if args.stop_after is not None and args.stop_after < 1:
         raise MinidiffError("--stop-after must be at least 1")
+    minutes = args.stop_after_minutes
+    if minutes is not None and not (math.isfinite(minutes) and minutes > 0):
+        raise MinidiffError(f"--stop-after-minutes must be > 0, got {minutes}")
     from ..backend import get_xp
     xp = get_xp(args.device)                           # before anything is written: a missing GPU is one error
     res = train(args.model, args.data, out, s, resume=args.resume, from_scratch=args.from_scratch,
-                progress=Progress(), stop_after=args.stop_after, xp=xp)
+                progress=Progress(), stop_after=args.stop_after, xp=xp,
+                stop_after_seconds=None if minutes is None else 60 * minutes)
     h = res["history"][-1]
     print(json.dumps({"wrote": str(out), "step": res["step"], "of": res["steps"],
                       "loss": {"dec": h[1], "enc": h[2]}}))
