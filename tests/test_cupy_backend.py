@@ -3,14 +3,10 @@
 from pathlib import Path
 
 import numpy as np
-import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    if cupy.cuda.runtime.getDeviceCount() < 1:
-        raise RuntimeError
-except Exception:
-    pytest.skip("no usable CUDA device", allow_module_level=True)
+from gpu_only import cupy_with_a_gpu
+
+cupy = cupy_with_a_gpu()
 
 import minidiff  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402

@@ -15,12 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    if cupy.cuda.runtime.getDeviceCount() < 1:
-        raise RuntimeError("no device")
-except Exception as e:  # no driver, no GPU
-    pytest.skip(f"no usable CUDA device ({type(e).__name__})", allow_module_level=True)
+from gpu_only import cupy_with_a_gpu  # noqa: E402
+
+cupy = cupy_with_a_gpu()
 
 import minidiff  # noqa: E402
 from minidiff import gpu  # noqa: E402

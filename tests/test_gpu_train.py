@@ -3,14 +3,10 @@ gradient to float32 noise, and a short run's losses (the draws stay on the host,
 batches). Skipped without a usable CUDA device."""
 
 import numpy as np
-import pytest
 
-cupy = pytest.importorskip("cupy")
-try:
-    if cupy.cuda.runtime.getDeviceCount() < 1:
-        raise RuntimeError
-except Exception:
-    pytest.skip("no usable CUDA device", allow_module_level=True)
+from gpu_only import cupy_with_a_gpu
+
+cupy = cupy_with_a_gpu()
 
 from minidiff.loader import DEFAULT_MODEL  # noqa: E402
 from minidiff.train.objective import Batch, load_params, loss_and_grads  # noqa: E402
