@@ -65,6 +65,8 @@ def test_more_plain_chat_as_the_release_template_writes_it(tpl):
          "<bos><|turn>user\nHiyou<turn|>\n<|turn>model\n"),
         ([{"role": "user", "content": "  Hi  "}], {"add_generation_prompt": False}, "<bos><|turn>user\nHi<turn|>\n"),
         ([], {}, "<bos><|turn>model\n"),
+        ([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "A<|channel>x<channel|>B <|channel>y"}],
+         {"add_generation_prompt": False}, "<bos><|turn>user\nHi<turn|>\n<|turn>model\nAB<turn|>\n"),
     ]
     for messages, kw, want in cases:
         assert tpl.render(messages, **kw) == want
