@@ -5,9 +5,12 @@ the user turn of the model's chat template; the 81 digits of the solution are th
 canvas. The givens are held on the canvas (the sampler's infill: fixed in every step's input, entropy 0),
 so the model only fills the blanks; the answer is checked (sudoku.check) before it is reported solved.
 
-    minidiff sudoku --model DIR 530070000600195000098000060800060003400803001700020006060000280000419005000080079
-    minidiff sudoku --model DIR --random medium --seed 3
-    minidiff sudoku --model DIR --plain - < puzzles.txt > answers.txt     # one 81-digit answer a line
+    minidiff sudoku 530070000600195000098000060800060003400803001700020006060000280000419005000080079
+    minidiff sudoku --random medium --seed 3
+    minidiff sudoku --plain - < puzzles.txt > answers.txt     # one 81-digit answer a line
+    minidiff sudoku --model DIR ...                            # another Sudoku model than the embedded one
+
+Without --model the embedded Sudoku model (minidiff/sudoku_model/, trained by minidiff) answers.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import random
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -24,11 +28,13 @@ from .cli_generate import BOLD, CYAN, DIM, GREEN, RED, RESET, Redrawn
 from .errors import MinidiffError
 
 MAX_INPUT_BYTES = 8 << 20          # --plain: 8 MB of puzzles (about 100,000) at most
+EMBEDDED = Path(__file__).parent / "sudoku_model"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("puzzle", nargs="?", help="81 characters, digits with 0 or . for a blank (spaces ignored)")
-    p.add_argument("--model", metavar="DIR", required=True, help="a Sudoku model folder (tools/train_sudoku.py)")
+    p.add_argument("--model", metavar="DIR", help="a Sudoku model folder (tools/train_sudoku.py; default: the "
+                                                  "embedded one, minidiff/sudoku_model)")
     p.add_argument("--random", choices=[b[0] for b in sudoku.BINS], help="solve a fresh random puzzle of this bin")
     p.add_argument("--plain", metavar="FILE", help="read puzzles from FILE ('-': stdin), one a line; print one "
                                                    "81-digit answer a line, in order")
@@ -47,11 +53,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 class Solver:
     """A Sudoku model folder with its tokenizer and template: puzzles in, answers out."""
 
-    def __init__(self, folder, device="cpu"):
+    def __init__(self, folder=None, device="cpu"):
         from . import load
         from .chat import ChatTemplate
         from .tokenizer import Tokenizer
-        self.model = load(folder, device=device)
+        if folder is None:
+            if not (EMBEDDED / "config.json").is_file():
+                raise MinidiffError(f"the embedded Sudoku model is missing from {EMBEDDED}: pass --model DIR")
+            folder = EMBEDDED
+        self.model = load(str(folder), device=device)
         self.tok = Tokenizer.from_folder(self.model.folder)
         self.template = ChatTemplate.from_folder(self.model.folder)
         if self.template is None:

@@ -91,3 +91,20 @@ def test_a_folder_that_is_not_a_sudoku_model_is_refused(tmp_path, capsys):
     (d / "chat_template.jinja").unlink()
     assert main(["sudoku", "--model", str(d), SOLVED]) == 2
     assert "not a Sudoku model folder" in capsys.readouterr().err
+
+
+def test_without_model_the_embedded_sudoku_model_answers(capsys, monkeypatch):
+    """No --model: minidiff/sudoku_model (trained by minidiff) answers, offline; a puzzle it solves comes
+    back solved (exit 0), the answer checked."""
+    assert (cli_sudoku.EMBEDDED / "config.json").is_file()
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False, raising=False)
+    assert main(["sudoku", EMBEDDED_SOLVES, "--seed", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "solved" in out
+
+
+def test_a_missing_embedded_model_is_one_error(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(cli_sudoku, "EMBEDDED", tmp_path / "nowhere")
+    assert main(["sudoku", PUZZLE]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "embedded Sudoku model is missing" in err and "--model" in err

@@ -153,13 +153,22 @@ def write_start(folder: Path, template: Path) -> None:
     save_file({n: np.zeros(s, np.float32) for n, s in shapes.items()}, str(folder / "model.safetensors"))
 
 
-def write_bf16(run: Path, out: Path, pairs_file: Path, steps: int, seconds: float | None) -> None:
-    """Step 3: the trained float32 weights -> bf16 in out/model.safetensors, with the text files and README."""
+def write_weights_bf16(src: Path, dst: Path) -> int:
+    """A float32 model.safetensors -> bf16 (round to nearest even, as torch's .to(bfloat16)). -> parameters"""
     from safetensors.numpy import load_file
 
     from minidiff.quantize import ShardWriter
     from minidiff.tensors import f32_to_bf16_bits
-    weights = load_file(str(run / "model.safetensors"))
+    weights = load_file(str(src))
+    w = ShardWriter(dst, [(n, "BF16", a.shape) for n, a in weights.items()])
+    for n, a in weights.items():
+        w.write(n, f32_to_bf16_bits(a))
+    w.close()
+    return sum(a.size for a in weights.values())
+
+
+def write_bf16(run: Path, out: Path, pairs_file: Path, steps: int, seconds: float | None) -> None:
+    """Step 3: the trained float32 weights -> bf16 in out/model.safetensors, with the text files and README."""
     out.mkdir(parents=True, exist_ok=True)
     for f in ("tokenizer.json", "chat_template.jinja", "generation_config.json"):
         if (run / f).resolve() != (out / f).resolve():
@@ -167,11 +176,7 @@ def write_bf16(run: Path, out: Path, pairs_file: Path, steps: int, seconds: floa
     if pairs_file.resolve() != (out / "prompts.json").resolve():
         shutil.copyfile(pairs_file, out / "prompts.json")
     (out / "config.json").write_text(json.dumps(config("bfloat16"), indent=2) + "\n")
-    w = ShardWriter(out / "model.safetensors", [(n, "BF16", a.shape) for n, a in weights.items()])
-    for n, a in weights.items():
-        w.write(n, f32_to_bf16_bits(a))
-    w.close()
-    n_params = sum(a.size for a in weights.values())
+    n_params = write_weights_bf16(run / "model.safetensors", out / "model.safetensors")
     took = f", {seconds / 60:.0f} minutes on the machine that ran it" if seconds else ""
     (out / "README.md").write_text(README.format(n=len(json.loads(pairs_file.read_text())["pairs"]), steps=steps,
                                                  params=n_params / 1e6, took=took))
