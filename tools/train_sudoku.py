@@ -1,5 +1,5 @@
-"""Train a small DiffusionGemma to solve Sudoku with `minidiff train`, and evaluate it (work in progress:
-no shipped Sudoku model yet; see docs/training.md).
+"""Train a small DiffusionGemma to solve Sudoku with `minidiff train`, evaluate it, and ship it as
+minidiff/sudoku_model/ (`minidiff sudoku`'s default; docs/training.md#sudoku has the runs).
 
 The layout: the prompt is `<bos><|turn>` + the 81 cells (digits, 0 = blank) + `<turn|><|turn>`; the canvas
 (82 tokens) is the 81 digits of the solution + `<turn|>`. Tokens: each digit is the token of its character
@@ -8,6 +8,7 @@ The layout: the prompt is `<bos><|turn>` + the 81 cells (digits, 0 = blank) + `<
 
     python tools/train_sudoku.py --out /tmp/sudoku --puzzles 2000 --steps 600 --batch 16   # make, train, eval
     python tools/train_sudoku.py --out /tmp/sudoku --eval-only --per-bin 50 [--quantized]
+    python tools/train_sudoku.py --out /tmp/e --run RUN --eval-only --per-bin 200 --medium 1000 --ship
 """
 
 from __future__ import annotations
@@ -128,9 +129,8 @@ def held_out(run: Path, counts: dict, exclude=()) -> list:
 SHIPPED = Path(__file__).resolve().parents[1] / "minidiff" / "sudoku_model"
 
 
-def ship(run: Path, out: Path, report: dict | None) -> None:
-    """The run's float32 checkpoint -> a bf16 model folder (minidiff sudoku's default), with a README that
-    states what it solves."""
+def ship(run: Path, out: Path) -> None:
+    """The run's float32 checkpoint -> a bf16 model folder (minidiff sudoku's default)."""
     from make_default_model import write_weights_bf16
     out.mkdir(parents=True, exist_ok=True)
     for f in ("tokenizer.json", "chat_template.jinja", "generation_config.json"):
@@ -139,17 +139,26 @@ def ship(run: Path, out: Path, report: dict | None) -> None:
     for d in (config, config["text_config"]):
         d["dtype"] = "bfloat16"
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    n = write_weights_bf16(run / "model.safetensors", out / "model.safetensors")
+    write_weights_bf16(run / "model.safetensors", out / "model.safetensors")
     state = json.loads((run / "trainer_state.json").read_text())
-    lines = [f"| {b} | {r['puzzles']} | {100 * r['exact']:.1f} % | {100 * r['cell_accuracy']:.1f} % | {r['mean_steps']:.1f} |"
-             for b, r in (report or {}).items()]
-    (out / "README.md").write_text(SHIPPED_README.format(params=n / 1e6, steps=state["step"], table="\n".join(lines)))
+    (out / "training.json").write_text(json.dumps({"steps": state["step"], "settings": state["settings"]}) + "\n")
+
+
+def write_readme(folder: Path, report: dict) -> None:
+    """README.md of the shipped folder: what it solves, from the evaluation of that folder."""
+    from safetensors import safe_open
+    with safe_open(str(folder / "model.safetensors"), "np") as f:
+        n = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
+    lines = [f"| {b} | {r['puzzles']} | {100 * r['exact']:.1f} % | {100 * r['cell_accuracy']:.1f} % | "
+             f"{r['mean_steps']:.1f} |" for b, r in report.items()]
+    (folder / "README.md").write_text(SHIPPED_README.format(params=n / 1e6, table="\n".join(lines)))
 
 
 SHIPPED_README = """# minidiff's Sudoku model
 
 A DiffusionGemma of {params:.2f} M parameters (hidden 128, 4 layers, 8 experts top-2, an 82-token canvas, bf16)
-trained by minidiff itself (`minidiff train`, {steps} steps; docs/training.md) to fill in Sudoku grids:
+trained by minidiff itself (`minidiff train`; its runs, commands and hours are in docs/training.md; the
+last sitting's settings in training.json) to fill in Sudoku grids:
 the puzzle is the prompt, the 81 digits of the solution are the canvas. `minidiff sudoku` uses it when no
 `--model` is given:
 
@@ -216,11 +225,17 @@ def main():
         train(base, out / "train.json", run, s, resume=args.resume, from_scratch=not args.resume, progress=Progress())
     items = held_out(run, {name: args.per_bin for name, _, _ in sudoku.BINS} | (
         {"medium": args.medium} if args.medium else {}), args.exclude)
+    if args.ship:                                   # what ships is evaluated: the bf16 copy
+        ship(run, Path(args.ship))
+        run = Path(args.ship)
+    t = time.perf_counter()
     report = evaluate_quantized(run, out, items) if args.quantized else evaluate(run, items)
     print(json.dumps(report, indent=1))
+    out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
+    print(f"evaluated in {time.perf_counter() - t:.0f} s")
     if args.ship:
-        ship(run, Path(args.ship), report.get("float32", report))
+        write_readme(run, report.get("float32", report))
 
 
 if __name__ == "__main__":
