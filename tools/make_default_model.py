@@ -167,16 +167,26 @@ def write_weights_bf16(src: Path, dst: Path) -> int:
     return sum(a.size for a in weights.values())
 
 
-def write_bf16(run: Path, out: Path, pairs_file: Path, steps: int, seconds: float | None) -> None:
-    """Step 3: the trained float32 weights -> bf16 in out/model.safetensors, with the text files and README."""
+def write_bf16_folder(run: Path, out: Path) -> int:
+    """A float32 training checkpoint -> a bf16 model folder: its config (dtype bfloat16), tokenizer, chat
+    template and generation config, and the weights rounded to bf16. -> parameters"""
+    from minidiff.train.trainer import SUPPORT
     out.mkdir(parents=True, exist_ok=True)
-    for f in ("tokenizer.json", "chat_template.jinja", "generation_config.json"):
-        if (run / f).resolve() != (out / f).resolve():
+    for f in SUPPORT:
+        if (run / f).is_file() and (run / f).resolve() != (out / f).resolve():
             shutil.copyfile(run / f, out / f)
+    cfg = json.loads((run / "config.json").read_text())
+    for d in (cfg, cfg["text_config"]):
+        d["dtype"] = "bfloat16"
+    (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    return write_weights_bf16(run / "model.safetensors", out / "model.safetensors")
+
+
+def write_bf16(run: Path, out: Path, pairs_file: Path, steps: int, seconds: float | None) -> None:
+    """Step 3: the trained float32 weights -> bf16 in out/, with the training pairs and README."""
+    n_params = write_bf16_folder(run, out)
     if pairs_file.resolve() != (out / "prompts.json").resolve():
         shutil.copyfile(pairs_file, out / "prompts.json")
-    (out / "config.json").write_text(json.dumps(config("bfloat16"), indent=2) + "\n")
-    n_params = write_weights_bf16(run / "model.safetensors", out / "model.safetensors")
     took = f", {seconds / 60:.0f} minutes on the machine that ran it" if seconds else ""
     (out / "README.md").write_text(README.format(n=len(json.loads(pairs_file.read_text())["pairs"]), steps=steps,
                                                  params=n_params / 1e6, took=took))

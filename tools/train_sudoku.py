@@ -129,29 +129,20 @@ def held_out(run: Path, counts: dict, exclude=()) -> list:
 SHIPPED = Path(__file__).resolve().parents[1] / "minidiff" / "sudoku_model"
 
 
-def ship(run: Path, out: Path) -> None:
-    """The run's float32 checkpoint -> a bf16 model folder (minidiff sudoku's default)."""
-    from make_default_model import write_weights_bf16
-    out.mkdir(parents=True, exist_ok=True)
-    for f in ("tokenizer.json", "chat_template.jinja", "generation_config.json"):
-        (out / f).write_bytes((run / f).read_bytes())
-    config = json.loads((run / "config.json").read_text())
-    for d in (config, config["text_config"]):
-        d["dtype"] = "bfloat16"
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    write_weights_bf16(run / "model.safetensors", out / "model.safetensors")
+def ship(run: Path, out: Path) -> int:
+    """The run's float32 checkpoint -> a bf16 model folder (minidiff sudoku's default). -> parameters"""
+    from make_default_model import write_bf16_folder
+    n = write_bf16_folder(run, out)
     state = json.loads((run / "trainer_state.json").read_text())
     (out / "training.json").write_text(json.dumps({"steps": state["step"], "settings": state["settings"]}) + "\n")
+    return n
 
 
-def write_readme(folder: Path, report: dict) -> None:
+def write_readme(folder: Path, report: dict, n_params: int) -> None:
     """README.md of the shipped folder: what it solves, from the evaluation of that folder."""
-    from safetensors import safe_open
-    with safe_open(str(folder / "model.safetensors"), "np") as f:
-        n = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys())
     lines = [f"| {b} | {r['puzzles']} | {100 * r['exact']:.1f} % | {100 * r['cell_accuracy']:.1f} % | "
              f"{r['mean_steps']:.1f} |" for b, r in report.items()]
-    (folder / "README.md").write_text(SHIPPED_README.format(params=n / 1e6, table="\n".join(lines)))
+    (folder / "README.md").write_text(SHIPPED_README.format(params=n_params / 1e6, table="\n".join(lines)))
 
 
 SHIPPED_README = """# minidiff's Sudoku model
@@ -226,7 +217,7 @@ def main():
     items = held_out(run, {name: args.per_bin for name, _, _ in sudoku.BINS} | (
         {"medium": args.medium} if args.medium else {}), args.exclude)
     if args.ship:                                   # what ships is evaluated: the bf16 copy
-        ship(run, Path(args.ship))
+        n_params = ship(run, Path(args.ship))
         run = Path(args.ship)
     t = time.perf_counter()
     report = evaluate_quantized(run, out, items) if args.quantized else evaluate(run, items)
@@ -235,7 +226,7 @@ def main():
     (out / "eval.json").write_text(json.dumps(report, indent=1) + "\n")
     print(f"evaluated in {time.perf_counter() - t:.0f} s")
     if args.ship:
-        write_readme(run, report.get("float32", report))
+        write_readme(run, report.get("float32", report), n_params)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,8 @@ def head_backward(xp, dy, saved, grads):
 
 
 def cross_entropy(xp, logits, targets, weight):
-    """Σ over rows of weight · -log softmax(logits)[target]   (logits [N, V], targets/weight [N]) -> (loss, dlogits)"""
+    """Σ over rows of weight · -log softmax(logits)[target]   (logits [N, V], targets/weight [N])
+    -> (loss, dlogits)"""
     z = logits - logits.max(axis=-1, keepdims=True)
     logp = z - xp.log(xp.exp(z).sum(axis=-1, keepdims=True))
     rows = xp.arange(targets.shape[0])
@@ -67,25 +68,25 @@ def encoder(xp, params, cfg, ids):
     S = ids.shape[-1]
     pos = xp.arange(S)
     allowed = pos[None, :] <= pos[:, None]                              # [S, S], the same for every row
+    masks = {False: allowed, True: allowed & (pos[None, :] > pos[:, None] - cfg.sliding_window)}   # by is_sliding
     h, s_emb = ops.embed(xp, ids, params[f"{DEC}.embed_tokens.weight"], cfg.hidden_size ** 0.5)
     keys, values, saved = [], [], []
     for i, lc in enumerate(cfg.layers):
-        mask = allowed & (pos[None, :] > pos[:, None] - cfg.sliding_window) if lc.is_sliding else allowed
         empty = xp.zeros(ids.shape[:-1] + (0, lc.num_kv_heads, lc.head_dim), dtype=h.dtype)
         h, k, v, s = layer_forward(xp, layer_params(params, i), lc, cfg.rms_norm_eps, cfg.top_k_experts, h, pos,
-                                   xp.asarray(lc.inv_freq), empty, empty, mask,
+                                   xp.asarray(lc.inv_freq), empty, empty, masks[lc.is_sliding],
                                    params[f"{ENC}.layers.{i}.layer_scalar"])
         keys.append(k), values.append(v), saved.append(s)
     logits, s_head = head(xp, params, cfg, h)
     return logits, keys, values, (s_emb, saved, s_head)
 
 
-def context_mask(xp, cfg, lc, starts, S: int, C: int):
+def context_mask(xp, cfg, sliding: bool, starts, S: int, C: int):
     """What a canvas starting at position `start` reads: the cache positions before it (a sliding layer only
     the last W - 1 of them) and its own C positions, all of them (bidirectional). -> [B, C, S + C] bool"""
     j = xp.arange(S)[None, :]
     ok = j < starts[:, None]                                            # [B, S]
-    if lc.is_sliding:
+    if sliding:
         ok &= j >= starts[:, None] - (cfg.sliding_window - 1)
     past = xp.broadcast_to(ok[:, None, :], (starts.shape[0], C, S))
     return xp.concatenate([past, xp.ones((starts.shape[0], C, C), dtype=bool)], axis=-1)
@@ -107,11 +108,13 @@ def denoiser(xp, params, cfg, xt, starts, keys, values, sc_logits=None, sc_rows=
         x[sc_rows] += m                                                 # the other rows: no signal at all
         s_sc = (s_soft, s_pre, s_mlp, sc_rows)
     h, s_post = ops.rms_norm(xp, x, None, cfg.rms_norm_eps)              # the weightless post_norm
+    S = keys[0].shape[-3]
+    kinds = {lc.is_sliding for lc in cfg.layers}
+    masks = {sliding: context_mask(xp, cfg, sliding, starts, S, C) for sliding in kinds}     # one per layer kind
     saved = []
     for i, lc in enumerate(cfg.layers):
-        mask = context_mask(xp, cfg, lc, starts, keys[i].shape[-3], C)
         h, _, _, s = layer_forward(xp, layer_params(params, i), lc, cfg.rms_norm_eps, cfg.top_k_experts, h, pos,
-                                   xp.asarray(lc.inv_freq), keys[i], values[i], mask,
+                                   xp.asarray(lc.inv_freq), keys[i], values[i], masks[lc.is_sliding],
                                    params[f"{DEC}.layers.{i}.layer_scalar"])
         saved.append(s)
     logits, s_head = head(xp, params, cfg, h)
@@ -148,9 +151,6 @@ class Batch:
         self.use_sc = xp.asarray([bool(e[3]) for e in examples])               # [B]
         C = self.xt.shape[1]
         self.x0 = xp.take_along_axis(self.ids, self.starts[:, None] + xp.arange(C)[None, :], axis=1)
-
-    def __len__(self):
-        return self.ids.shape[0]
 
 
 def loss_and_grads(xp, params, cfg, batch: Batch, backward: bool = True, loss_weights=(1.0, 1.0)):

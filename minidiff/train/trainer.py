@@ -104,7 +104,7 @@ def batch_grads(xp, params, cfg, examples, rng, s: Settings):
         use = bool(rng.random() < SC_PROB)
         x0 = r[b * C:(b + 1) * C]
         drawn.append((np.concatenate([p, r]), len(p) + b * C, np.where(corrupt, noise, x0), use))
-    batch = Batch(xp, drawn, pad=cfg.pad_token_id or 0)
+    batch = Batch(xp, drawn, pad=cfg.pad_token_id)
     dec, enc, grads = loss_and_grads(xp, params, cfg, batch)
     return dec, enc, grads, sum(len(ids) for ids, *_ in drawn)
 
