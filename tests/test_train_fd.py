@@ -139,4 +139,5 @@ def test_the_training_forward_is_the_inference_forward(seed, window, prompt_len,
     got, _ = denoiser(np, params, cfg, xt[None], np.array([start]), keys, values,
                       None if sc is None else sc[None], np.array([0]))
     want = model.denoise(xt, model.encode(ids[:start]), sc)
-    np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4)
+    tol = 1e-4 * max(1.0, float(np.abs(want).max()))       # the project's logit tolerance (float32 sums)
+    assert float(np.abs(got[0] - want).max()) <= tol, (float(np.abs(got[0] - want).max()), tol)
