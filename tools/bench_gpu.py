@@ -214,9 +214,9 @@ def main():
                   f"commit {r['commit_ms']:6.1f} ms  16 steps: {r['tok_s_steps_16']:7.0f} tok/s  "
                   f"48: {r['tok_s_steps_48']:6.0f} tok/s  peak {r['peak_gb']:5.1f} GB  profile {r['profile']}",
                   flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"gpu": name, "layers": args.layers, "ceilings": ceil,
-                                               "rows": rows, "made_by": "tools/bench_gpu.py"}, indent=1) + "\n")
+            if args.json:                       # after every row: a run cut short keeps what it measured
+                Path(args.json).write_text(json.dumps({"gpu": name, "layers": args.layers, "ceilings": ceil,
+                                                       "rows": rows, "made_by": "tools/bench_gpu.py"}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
