@@ -68,9 +68,11 @@ __device__ __forceinline__ u32 int4_pair(u32 word, int i) {
     return pack_bf16(lo, hi);
 }
 
-// The A fragment of weight rows f and f+8 at k0 .. k0+15 (see the table above).
+// The A fragment of weight rows f+g and f+g+8 at k0 .. k0+15 (see the table above): f is the warp's first
+// feature, g this thread's group, so the warp's 8 groups together load its 16 rows.
 template <int FMT>
-__device__ __forceinline__ void load_a(u32 a[4], const void* W, int f, int K, int k0, int t) {
+__device__ __forceinline__ void load_a(u32 a[4], const void* W, int f, int K, int k0, int g, int t) {
+    f += g;
     if (FMT == FMT_BF16) {
         const u32* w = (const u32*)W;                                  // 2 bf16 per word; K is even
         int row0 = (f * K + k0) / 2 + t, row8 = ((f + 8) * K + k0) / 2 + t;
@@ -128,8 +130,8 @@ __device__ void gate_up_kernel(const void* W, const float* scales, const u16* X,
                 for (int j = 0; j < 4; j++) pg[i][j] = pu[i][j] = 0.f;
             for (int k0 = k1; k0 < k1 + step; k0 += 16) {
                 u32 ag[4], au[4];
-                load_a<FMT>(ag, We, f, H, k0, t);
-                load_a<FMT>(au, We, Ie + f, H, k0, t);
+                load_a<FMT>(ag, We, f, H, k0, g, t);
+                load_a<FMT>(au, We, Ie + f, H, k0, g, t);
                 #pragma unroll
                 for (int i = 0; i < TILES; i++) {
                     if (r0 + 8 * i >= rows) break;                    // warp-uniform
@@ -197,7 +199,7 @@ __device__ void down_kernel(const void* W, const float* scales, const u16* act, 
                 for (int j = 0; j < 4; j++) p[i][j] = 0.f;
             for (int k0 = k1; k0 < k1 + step; k0 += 16) {
                 u32 a[4];
-                load_a<FMT>(a, We, f, Ie, k0, t);
+                load_a<FMT>(a, We, f, Ie, k0, g, t);
                 #pragma unroll
                 for (int i = 0; i < TILES; i++) {
                     if (r0 + 8 * i >= rows) break;

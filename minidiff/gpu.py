@@ -106,7 +106,7 @@ class DeviceExperts(Stored):
         self.xp = xp or _cupy()
         self.fmt, self.shape, self.group, self.kernels, self.name = fmt, tuple(shape), group, kernels, name
         self.data = self.xp.asarray(data)
-        self.scales = None if scales is None else self.xp.asarray(np.asarray(scales, dtype=np.float32))
+        self.scales = None if scales is None else self.xp.asarray(scales, dtype=self.xp.float32)  # host or device
         self.nbytes = int(self.data.nbytes + (0 if scales is None else self.scales.nbytes))
 
     def expand_into(self, index, out):

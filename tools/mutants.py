@@ -131,6 +131,9 @@ MUTANTS = [
     M("gpu-plan-token", "GPU: a sorted row reads the wrong token", "minidiff/gpu.py",
       "return RoutePlan(order, (order // k).astype(xp.int32)", "return RoutePlan(order, (order % T).astype(xp.int32)",
       ["tests/test_gpu_host.py"]),
+    M("kernel-lane-group", "GPU kernel (as replayed on the CPU): every lane group loads the warp's first weight "
+      "row, the bug the first GPU run found", "tools/emulate_moe_kernel.py", "    f += g\n", "",
+      ["tests/test_kernel_emulator.py"]),
     M("rmsnorm-backward-no-projection", "training: RMSNorm's backward without the normalisation term",
       "minidiff/train/ops.py", "dx = r * (dn - n * xp.mean(dn * n, axis=-1, keepdims=True))", "dx = r * dn", TRAIN),
     M("decoder-grad-stops-at-cache", "training: the denoiser's gradient does not reach the encoder's cache",
