@@ -18,8 +18,14 @@ and the machine's two ceilings, measured in the same run: device-to-device copy 
 matmul rate, with the floor per step they imply (bytes of the weights a step must read over bandwidth,
 its FLOPs over the matmul rate). Prints a table, writes JSON.
 
+transformers beside it (`--transformers`, in a separate process after minidiff's rows, bf16, sdpa attention,
+the same config with transformers' own random init): prefill, denoiser step, commit and peak memory, and
+tok/s at 16 and 48 steps from the per-step numbers (16 · step + commit), the same formula as minidiff's
+tok_s_steps_48. It needs a transformers with DiffusionGemma (5.17 has it).
+
     python tools/bench_gpu.py --json docs/bench/gpu_H100.json            # everything (about 5 minutes)
     python tools/bench_gpu.py --layers 6 --contexts 1024 --formats int4   # a quick look
+    python tools/bench_gpu.py --transformers --json out.json             # and transformers on the same GPU
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -162,7 +169,7 @@ def bench(cfg, fmt: str, P: int, ceil: dict) -> dict:
     rng = np.random.default_rng(0)
     prompt = rng.integers(0, V, P)
     cache = model.encode(prompt)
-    row = {"experts": fmt, "prompt": P}
+    row = {"engine": "minidiff", "experts": fmt, "prompt": P}
     row["prefill_ms"] = timed(lambda: model.encode(prompt), reps=3)
     canvas = rng.integers(0, V, C)
     sc = model.denoise(canvas, cache) / np.float32(0.8)
@@ -190,13 +197,77 @@ def bench(cfg, fmt: str, P: int, ceil: dict) -> dict:
     return row                                  # (the caller frees the pool once this frame is gone)
 
 
+def transformers_rows(layers: int, contexts: list, device: str = "cuda", text_overrides: dict | None = None) -> list:
+    """transformers' DiffusionGemma at the same config (bf16, its own random init) timed like minidiff: one
+    dict a prompt length. Runs in its own process (main() starts it): torch and CuPy keep separate pools."""
+    import copy
+    import torch
+    from transformers.models.diffusion_gemma import (DiffusionGemmaConfig, DiffusionGemmaForBlockDiffusion,
+                                                     DiffusionGemmaTextConfig)
+    from transformers.models.gemma4 import Gemma4VisionConfig
+    torch.set_grad_enabled(False)
+    c = release_config(layers)
+    text = dict(c["text_config"], **(text_overrides or {}))
+    vision = Gemma4VisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, head_dim=8,
+                                patch_size=4, position_embedding_size=16, pooling_kernel_size=2, intermediate_size=32)
+    cfg = DiffusionGemmaConfig(text_config=DiffusionGemmaTextConfig(**text), vision_config=vision,
+                               canvas_length=c["canvas_length"])
+    cfg._attn_implementation = "sdpa"
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(device):
+        model = DiffusionGemmaForBlockDiffusion(cfg).eval()
+    V, C = text["vocab_size"], c["canvas_length"]
+    rng = np.random.default_rng(0)
+
+    def ms(fn, reps, prepare=lambda: None):
+        """Median milliseconds of fn(prepare()) over reps runs after one warm-up; prepare is not timed."""
+        times = []
+        for r in range(reps + 1):
+            arg = prepare()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn(arg)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if r:
+                times.append((time.perf_counter() - t) * 1e3)
+        return float(np.median(times))
+
+    rows = []
+    for P in contexts:
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        prompt = torch.tensor(rng.integers(0, V, P), device=device)[None]
+        canvas = torch.tensor(rng.integers(0, V, C), device=device)[None]
+        row = {"engine": "transformers", "experts": "bf16", "prompt": P}
+        row["prefill_ms"] = ms(lambda _: model.model.encoder(input_ids=prompt, use_cache=True), 3)
+        cache = model.model.encoder(input_ids=prompt, use_cache=True).past_key_values
+        sc = (model(decoder_input_ids=canvas, past_key_values=cache).logits / 0.8).to(torch.bfloat16)
+        row["step_ms"] = ms(lambda _: model(decoder_input_ids=canvas, past_key_values=cache,
+                                            self_conditioning_logits=sc), 7)
+        row["commit_ms"] = ms(lambda kv: model.model.encoder(input_ids=canvas, past_key_values=kv, use_cache=True), 3,
+                              prepare=lambda: copy.deepcopy(cache))           # a commit extends its own copy
+        for steps in (16, 48):
+            row[f"tok_s_steps_{steps}"] = C / ((steps * row["step_ms"] + row["commit_ms"]) / 1e3)
+        row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9 if device == "cuda" else None
+        rows.append(row)
+        cache = sc = None                       # free them before the next prompt length
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--contexts", default="1024,8192")
     ap.add_argument("--formats", default="int4,bf16")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--transformers", action="store_true", help="also time transformers (bf16) on the same GPU")
+    ap.add_argument("--transformers-worker", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.transformers_worker:                # the child process of --transformers: rows as JSON on stdout
+        print(json.dumps(transformers_rows(args.layers, [int(p) for p in args.contexts.split(",")])))
+        return
     cfg = parse_config(release_config(args.layers))
     dev = cp.cuda.runtime.getDeviceProperties(0)
     name = dev["name"].decode() if isinstance(dev["name"], bytes) else str(dev["name"])
@@ -214,9 +285,29 @@ def main():
                   f"commit {r['commit_ms']:6.1f} ms  16 steps: {r['tok_s_steps_16']:7.0f} tok/s  "
                   f"48: {r['tok_s_steps_48']:6.0f} tok/s  peak {r['peak_gb']:5.1f} GB  profile {r['profile']}",
                   flush=True)
-            if args.json:                       # after every row: a run cut short keeps what it measured
-                Path(args.json).write_text(json.dumps({"gpu": name, "layers": args.layers, "ceilings": ceil,
-                                                       "rows": rows, "made_by": "tools/bench_gpu.py"}, indent=1) + "\n")
+            save(args, name, ceil, rows)
+    if args.transformers:
+        cp.get_default_memory_pool().free_all_blocks()
+        child = subprocess.run([sys.executable, __file__, "--transformers-worker", "--layers", str(args.layers),
+                                "--contexts", args.contexts], capture_output=True, text=True)
+        if child.returncode:
+            print("transformers:", (child.stderr.strip().splitlines() or ["failed"])[-1], flush=True)
+        else:
+            for r in json.loads(child.stdout.strip().splitlines()[-1]):
+                rows.append(r)
+                mine = [m for m in rows if m.get("engine") != "transformers" and m["prompt"] == r["prompt"]]
+                ratio = "  ".join(f"{m['experts']} ×{r['step_ms'] / m['step_ms']:.2f}" for m in mine)
+                print(f"transformers bf16 P={r['prompt']:<5} prefill {r['prefill_ms']:8.1f} ms  step {r['step_ms']:7.2f} ms  "
+                      f"commit {r['commit_ms']:6.1f} ms  16 steps: {r['tok_s_steps_16']:7.0f} tok/s  "
+                      f"peak {r['peak_gb']:5.1f} GB  (its step / minidiff's: {ratio})", flush=True)
+            save(args, name, ceil, rows)
+
+
+def save(args, name, ceil, rows):
+    """The JSON, rewritten after every row: a run cut short keeps what it measured."""
+    if args.json:
+        Path(args.json).write_text(json.dumps({"gpu": name, "layers": args.layers, "ceilings": ceil,
+                                               "rows": rows, "made_by": "tools/bench_gpu.py"}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 #   1. compile every kernels_cuda/*.cu (NVRTC as CuPy does, nvcc with the register report)
 #   2. validate the kernels against their NumPy references, the GPU model against the CPU model, and
 #      training through CuPy against training through NumPy
-#   3. the full-size benchmark (30 layers, int4 and bf16 experts, prompts 1K and 8K)
+#   3. the full-size benchmark (30 layers, int4 and bf16 experts, prompts 1K and 8K), transformers beside it
 # Everything printed goes to $OUT/check.log, the benchmark's JSON to $OUT/bench_gpu.json (written after each
 # row, so a stage cut by its timeout keeps what it measured). Run from the repository root:
 #     bash tools/gpu_check.sh
@@ -18,5 +18,5 @@ echo "== compile"; timeout 90 $PY tools/compile_kernels.py
 echo "== GPU tests"
 timeout 150 $PY -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu_kernels.py tests/test_cupy_backend.py \
     tests/test_gpu_train.py
-echo "== benchmark"; timeout "${BENCH_TIMEOUT:-270}" $PY tools/bench_gpu.py --json "$OUT/bench_gpu.json"
+echo "== benchmark"; timeout "${BENCH_TIMEOUT:-270}" $PY tools/bench_gpu.py --transformers --json "$OUT/bench_gpu.json"
 } 2>&1 | tee -a "$OUT/check.log"
