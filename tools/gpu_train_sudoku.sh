@@ -13,6 +13,6 @@ PY="${PYTHON:-python3}"
 MIN="${1:-4}"
 RUN="$(mktemp -d)/sudoku_checkpoint"
 cp -r tools/sudoku_checkpoint "$RUN"
-$PY -m minidiff train --data "$RUN/train_pairs.json" --out "$RUN" --resume --device cuda \
+$PY -m minidiff train --data tools/sudoku_checkpoint/train_pairs.json --out "$RUN" --resume --device cuda \
     --stop-after-minutes "$MIN" 2>&1 | tr '\r' '\n' | tail -n 40 | tee "$OUT/sudoku.log"
 cp "$RUN/model.safetensors" "$RUN/trainer_state.json" "$RUN/trainer_state.safetensors" "$OUT/sudoku_checkpoint/"
