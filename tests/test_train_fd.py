@@ -16,15 +16,13 @@ def frozen_pass_1(monkeypatch):
     """Pass 1 carries no gradient: the loss as a function of the weights holds its logits fixed. A finite
     difference must do the same, so pass 1 is computed once (at the unperturbed weights) and replayed."""
     import minidiff.train.objective as objective
-    denoiser, kept = objective.denoiser, []
+    pass_1, kept = objective.pass_1, []
 
-    def replay(xp, params, cfg, xt, starts, keys, values, sc_logits=None, sc_rows=None):
-        if sc_rows is not None:                                 # pass 2: the one with a gradient
-            return denoiser(xp, params, cfg, xt, starts, keys, values, sc_logits, sc_rows)
-        if not kept:                                            # pass 1, at the unperturbed weights
-            kept.append(denoiser(xp, params, cfg, xt, starts, keys, values))
+    def replay(*args):
+        if not kept:                                            # at the unperturbed weights
+            kept.append(pass_1(*args))
         return kept[0]
-    monkeypatch.setattr(objective, "denoiser", replay)
+    monkeypatch.setattr(objective, "pass_1", replay)
 
 
 @pytest.mark.parametrize("use_sc", [True, False])
@@ -124,7 +122,7 @@ def test_the_training_forward_is_the_inference_forward(seed, window, prompt_len,
     from minidiff.loader import resolve
     from minidiff.model import Model
     from minidiff.weights import load_text_weights, open_checkpoint
-    from minidiff.train.objective import denoiser, encoder
+    from minidiff.train.objective import denoiser, encoder, head
     folder = resolve(None)
     cfg = dataclasses.replace(load_config(folder), sliding_window=window)
     _, params = load_params(None, "float32")
@@ -136,8 +134,30 @@ def test_the_training_forward_is_the_inference_forward(seed, window, prompt_len,
     xt = rng.integers(0, cfg.vocab_size, C)
     sc = (4 * rng.standard_normal((C, cfg.vocab_size))).astype(np.float32) if use_sc else None
     _, keys, values, _ = encoder(np, params, cfg, ids[None])
-    got, _ = denoiser(np, params, cfg, xt[None], np.array([start]), keys, values,
-                      None if sc is None else sc[None], np.array([0]))
+    h, _ = denoiser(np, params, cfg, xt[None], np.array([start]), keys, values,
+                    None if sc is None else sc[None], np.array([0]))
+    got = head(np, params, cfg, h)
     want = model.denoise(xt, model.encode(ids[:start]), sc)
     tol = 1e-4 * max(1.0, float(np.abs(want).max()))       # the project's logit tolerance (float32 sums)
     assert float(np.abs(got[0] - want).max()) <= tol, (float(np.abs(got[0] - want).max()), tol)
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 3, 7])
+def test_the_head_in_blocks_of_rows_equals_the_head_at_once(rows_per_block, monkeypatch):
+    """head_loss never holds all logits: with blocks of a few rows (as a 262k vocabulary gets), the losses and
+    every gradient equal one block of all rows, to float64 rounding."""
+    import minidiff.train.objective as objective
+    cfg, params = load_params(None, "float64")
+    rng = np.random.default_rng(3)
+    C = cfg.canvas_length
+    examples = []
+    for n, b, sc in ((len(PROMPT), 0, True), (len(PROMPT) + 4, 1, False)):
+        ids = np.concatenate([PROMPT * 2, rng.integers(5, 500, 2 * C)])[-(n + 2 * C):]
+        examples.append((ids, n + b * C, rng.integers(0, cfg.vocab_size, C), sc))
+    batch = Batch(np, examples)
+    whole = loss_and_grads(np, params, cfg, batch)
+    monkeypatch.setattr(objective, "HEAD_ELEMENTS", rows_per_block * cfg.vocab_size)
+    blocks = loss_and_grads(np, params, cfg, batch)
+    assert abs(whole[0] - blocks[0]) <= 1e-12 and abs(whole[1] - blocks[1]) <= 1e-12
+    for k, g in whole[2].items():
+        assert np.abs(blocks[2][k] - g).max() <= 1e-12 * max(1.0, np.abs(g).max()), k

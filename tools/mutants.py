@@ -134,6 +134,8 @@ MUTANTS = [
     M("kernel-lane-group", "GPU kernel (as replayed on the CPU): every lane group loads the warp's first weight "
       "row, the bug the first GPU run found", "tools/emulate_moe_kernel.py", "    f += g\n", "",
       ["tests/test_kernel_emulator.py"]),
+    M("head-loss-last-block", "training: the head in blocks of rows keeps only the last block's loss",
+      "minidiff/train/objective.py", "        loss += float(block_loss)\n", "        loss = float(block_loss)\n", TRAIN),
     M("rmsnorm-backward-no-projection", "training: RMSNorm's backward without the normalisation term",
       "minidiff/train/ops.py", "dx = r * (dn - n * xp.mean(dn * n, axis=-1, keepdims=True))", "dx = r * dn", TRAIN),
     M("decoder-grad-stops-at-cache", "training: the denoiser's gradient does not reach the encoder's cache",

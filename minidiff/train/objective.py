@@ -13,8 +13,10 @@ A batch is one array per quantity (`Batch`): the sequences right-padded to one l
 runs once for the whole batch (no Python loop over examples). Padding is never read: the encoder is causal
 and padding comes last, a canvas reads only the positions before it, and the encoder loss skips it.
 
-The gradient of the decoder loss flows into the encoder's keys and values (the release does not stop
-it); weights shared by both passes get the sum. Everything here is plain NumPy/CuPy through `xp`; the
+The head and its loss run `HEAD_ROWS` at a time (`head_loss`): logits exist only a few rows at once, so
+a 262,144-entry vocabulary costs chunk · V floats, not B · S · V (pass 1's logits, the input of
+self-conditioning, are the one whole [n, C, V] array). The gradient of the decoder loss flows into the
+encoder's keys and values (the release does not stop it); weights shared by both passes get the sum. Everything here is plain NumPy/CuPy through `xp`; the
 layer's backward is minidiff/train/layer.py, each op's is minidiff/train/ops.py.
 """
 
@@ -24,6 +26,7 @@ from . import ops
 from .layer import layer_backward, layer_forward
 
 DEC, ENC = "model.decoder", "model.encoder.language_model"
+HEAD_ELEMENTS = 1 << 22          # logits alive at once in head_loss: rows · V <= this (16 MB of float32)
 
 
 def layer_params(params: dict, i: int) -> dict:
@@ -33,21 +36,36 @@ def layer_params(params: dict, i: int) -> dict:
 
 
 def head(xp, params, cfg, h):
-    """final norm -> tied head -> softcap:  h [T, H] -> (logits [T, V], saved)"""
-    n, s_norm = ops.rms_norm(xp, h, params[f"{DEC}.norm.weight"], cfg.rms_norm_eps)
-    z, s_head = ops.linear(xp, n, params[f"{DEC}.embed_tokens.weight"])
-    y, s_cap = ops.softcap(xp, z, cfg.final_logit_softcapping)
-    return y, (s_norm, s_head, s_cap)
+    """final norm -> tied head -> softcap:  h [..., H] -> logits [..., V], no gradient (pass 1's logits; the
+    losses go through head_loss)"""
+    n, _ = ops.rms_norm(xp, h, params[f"{DEC}.norm.weight"], cfg.rms_norm_eps)
+    return ops.softcap(xp, ops.linear(xp, n, params[f"{DEC}.embed_tokens.weight"])[0], cfg.final_logit_softcapping)[0]
 
 
-def head_backward(xp, dy, saved, grads):
-    s_norm, s_head, s_cap = saved
-    dz = ops.softcap_backward(xp, dy, s_cap)
-    dn, dE = ops.linear_backward(xp, dz, s_head)
-    _add(grads, f"{DEC}.embed_tokens.weight", dE)
+def head_loss(xp, params, cfg, h, targets, weight, backward=True, scale=1.0):
+    """final norm -> tied head -> softcap -> cross-entropy, and their backward, a block of rows at a time.
+
+    h [..., H], targets/weight [...] (weight 0: a row without a loss). -> (loss = Σ weight · CE, dh [..., H] and
+    the head's grads {name: array} of scale · loss; None, None without backward). A block is as many rows
+    as keep rows · V <= HEAD_ELEMENTS, so the whole logits never exist; each block's softcap and linear
+    backward run while its logits are at hand, and only dn [rows, H] and dE [V, H] are kept."""
+    H = h.shape[-1]
+    n, s_norm = ops.rms_norm(xp, h.reshape(-1, H), params[f"{DEC}.norm.weight"], cfg.rms_norm_eps)   # [N, H]
+    E, t, w = params[f"{DEC}.embed_tokens.weight"], targets.reshape(-1), weight.reshape(-1)
+    rows = max(1, HEAD_ELEMENTS // E.shape[0])
+    loss, dn, dE = 0.0, (xp.empty_like(n) if backward else None), None
+    for a in range(0, n.shape[0], rows):
+        z, s_lin = ops.linear(xp, n[a:a + rows], E)                                        # [rows, V]
+        y, s_cap = ops.softcap(xp, z, cfg.final_logit_softcapping)
+        block_loss, dy = cross_entropy(xp, y, t[a:a + rows], w[a:a + rows])
+        loss += float(block_loss)
+        if backward:
+            dn[a:a + rows], dE_block = ops.linear_backward(xp, ops.softcap_backward(xp, dy * scale, s_cap), s_lin)
+            dE = dE_block if dE is None else dE + dE_block
+    if not backward:
+        return loss, None, None
     dh, dw = ops.rms_norm_backward(xp, dn, s_norm)
-    _add(grads, f"{DEC}.norm.weight", dw)
-    return dh
+    return loss, dh.reshape(h.shape), {f"{DEC}.embed_tokens.weight": dE, f"{DEC}.norm.weight": dw}
 
 
 def cross_entropy(xp, logits, targets, weight):
@@ -64,7 +82,7 @@ def cross_entropy(xp, logits, targets, weight):
 
 def encoder(xp, params, cfg, ids):
     """Causal pass over ids [B, S] at positions 0 … S-1 (sliding layers see the last W keys).
-    -> (logits [B, S, V], keys and values per layer [B, S, nkv, hd], saved)"""
+    -> (final hidden state [B, S, H] (head_loss takes it on), keys and values per layer [B, S, nkv, hd], saved)"""
     S = ids.shape[-1]
     pos = xp.arange(S)
     allowed = pos[None, :] <= pos[:, None]                              # [S, S], the same for every row
@@ -77,8 +95,7 @@ def encoder(xp, params, cfg, ids):
                                    xp.asarray(lc.inv_freq), empty, empty, masks[lc.is_sliding],
                                    params[f"{ENC}.layers.{i}.layer_scalar"])
         keys.append(k), values.append(v), saved.append(s)
-    logits, s_head = head(xp, params, cfg, h)
-    return logits, keys, values, (s_emb, saved, s_head)
+    return h, keys, values, (s_emb, saved)
 
 
 def context_mask(xp, cfg, sliding: bool, starts, S: int, C: int):
@@ -95,7 +112,7 @@ def context_mask(xp, cfg, sliding: bool, starts, S: int, C: int):
 def denoiser(xp, params, cfg, xt, starts, keys, values, sc_logits=None, sc_rows=None):
     """One denoising pass over the canvases xt [B, C], row b at positions starts[b] … starts[b] + C - 1,
     reading the encoder's keys/values [B, S, nkv, hd] of the positions before it. Self-conditioning:
-    sc_logits [n, C, V] (detached) for the rows sc_rows [n], or None. -> (logits [B, C, V], saved)"""
+    sc_logits [n, C, V] (detached) for the rows sc_rows [n], or None. -> (final hidden state [B, C, H], saved)"""
     C = xt.shape[-1]
     pos = starts[:, None] + xp.arange(C)[None, :]                       # [B, C]
     x, s_emb = ops.embed(xp, xt, params[f"{DEC}.embed_tokens.weight"], cfg.hidden_size ** 0.5)
@@ -117,8 +134,15 @@ def denoiser(xp, params, cfg, xt, starts, keys, values, sc_logits=None, sc_rows=
                                    xp.asarray(lc.inv_freq), keys[i], values[i], masks[lc.is_sliding],
                                    params[f"{DEC}.layers.{i}.layer_scalar"])
         saved.append(s)
-    logits, s_head = head(xp, params, cfg, h)
-    return logits, (s_emb, s_sc, s_post, saved, s_head)
+    return h, (s_emb, s_sc, s_post, saved)
+
+
+def pass_1(xp, params, cfg, batch, keys, values, rows):
+    """The first denoising pass for the examples `rows` that self-condition: softcapped logits [n, C, V],
+    a constant of the objective (no gradient flows through them)."""
+    h, _ = denoiser(xp, params, cfg, batch.xt[rows], batch.starts[rows], [k[rows] for k in keys],
+                    [v[rows] for v in values])
+    return head(xp, params, cfg, h)
 
 
 def load_params(folder, dtype="float32", xp=None) -> tuple:
@@ -159,33 +183,34 @@ def loss_and_grads(xp, params, cfg, batch: Batch, backward: bool = True, loss_we
     pairs). The release weighs the two alike: loss_weights (1, 1)."""
     B, S = batch.ids.shape
     C = batch.xt.shape[1]
-    enc_logits, keys, values, s_enc = encoder(xp, params, cfg, batch.ids)
-    pairs = xp.arange(S - 1)[None, :] < (batch.lengths - 1)[:, None]   # [B, S-1]: token i+1 in the sequence
-    enc_weight = (pairs / pairs.sum()).astype(enc_logits.dtype).reshape(-1)
-    enc_loss, d_enc = cross_entropy(xp, enc_logits[:, :-1].reshape(B * (S - 1), -1), batch.ids[:, 1:].reshape(-1),
-                                    enc_weight)
+    h_enc, keys, values, s_enc = encoder(xp, params, cfg, batch.ids)
+    pairs = xp.arange(S)[None, :] < (batch.lengths - 1)[:, None]      # [B, S]: token i+1 is in the sequence
+    next_ids = xp.concatenate([batch.ids[:, 1:], batch.ids[:, :1]], axis=1)   # [B, S]: target of position i
+    enc_loss, dh_enc, g_enc = head_loss(xp, params, cfg, h_enc, next_ids, (pairs / pairs.sum()).astype(h_enc.dtype),
+                                        backward, loss_weights[1])
     sc, rows = None, xp.flatnonzero(batch.use_sc)
     if rows.size:                                                       # pass 1 (its result is a constant)
-        sc, _ = denoiser(xp, params, cfg, batch.xt[rows], batch.starts[rows], [k[rows] for k in keys],
-                         [v[rows] for v in values])
-    logits, s_dec = denoiser(xp, params, cfg, batch.xt, batch.starts, keys, values, sc, rows)
-    dec_weight = xp.full(B * C, 1.0 / (B * C), dtype=logits.dtype)
-    dec_loss, d_dec = cross_entropy(xp, logits.reshape(B * C, -1), batch.x0.reshape(-1), dec_weight)
+        sc = pass_1(xp, params, cfg, batch, keys, values, rows)
+    h_dec, s_dec = denoiser(xp, params, cfg, batch.xt, batch.starts, keys, values, sc, rows)
+    dec_loss, dh_dec, g_dec = head_loss(xp, params, cfg, h_dec, batch.x0, xp.full((B, C), 1.0 / (B * C), h_dec.dtype),
+                                        backward, loss_weights[0])
     if not backward:
-        return float(dec_loss), float(enc_loss), None
+        return dec_loss, enc_loss, None
 
     grads, dkeys, dvalues = {}, [xp.zeros_like(k) for k in keys], [xp.zeros_like(v) for v in values]
-    denoiser_backward(xp, params, cfg, d_dec.reshape(logits.shape) * loss_weights[0], s_dec, dkeys, dvalues, grads)
-    d_full = xp.zeros_like(enc_logits)
-    d_full[:, :-1] = d_enc.reshape(B, S - 1, -1) * loss_weights[1]
-    encoder_backward(xp, params, cfg, d_full, s_enc, dkeys, dvalues, grads)
-    return float(dec_loss), float(enc_loss), grads
+    for name, g in g_dec.items():
+        _add(grads, name, g)
+    denoiser_backward(xp, params, cfg, dh_dec, s_dec, dkeys, dvalues, grads)
+    for name, g in g_enc.items():
+        _add(grads, name, g)
+    encoder_backward(xp, params, cfg, dh_enc, s_enc, dkeys, dvalues, grads)
+    return dec_loss, enc_loss, grads
 
 
-def denoiser_backward(xp, params, cfg, dlogits, saved, dkeys, dvalues, grads):
-    """Accumulates into grads, and into dkeys/dvalues (the encoder's cache) for the positions read."""
-    s_emb, s_sc, s_post, layers, s_head = saved
-    dh = head_backward(xp, dlogits, s_head, grads)
+def denoiser_backward(xp, params, cfg, dh, saved, dkeys, dvalues, grads):
+    """dh [B, C, H] (from head_loss) down the layers. Accumulates into grads, and into dkeys/dvalues (the
+    encoder's cache) for the positions read."""
+    s_emb, s_sc, s_post, layers = saved
     for i in reversed(range(len(layers))):
         dh, dpk, dpv, g, _ = layer_backward(xp, dh, None, None, layers[i])   # layer scalars are buffers
         dkeys[i] += dpk
@@ -203,9 +228,9 @@ def denoiser_backward(xp, params, cfg, dlogits, saved, dkeys, dvalues, grads):
         _add(grads, f"{DEC}.embed_tokens.weight", ops.soft_embedding_backward(xp, dsoft, s_soft))
 
 
-def encoder_backward(xp, params, cfg, dlogits, saved, dkeys, dvalues, grads):
-    s_emb, layers, s_head = saved
-    dh = head_backward(xp, dlogits, s_head, grads)
+def encoder_backward(xp, params, cfg, dh, saved, dkeys, dvalues, grads):
+    """dh [B, S, H] (from head_loss) and the cache's dkeys/dvalues down the layers into grads."""
+    s_emb, layers = saved
     for i in reversed(range(len(layers))):
         dh, _, _, g, _ = layer_backward(xp, dh, dkeys[i], dvalues[i], layers[i])
         _add_layer(grads, i, g)
