@@ -141,8 +141,8 @@ MUTANTS = [
     M("decoder-grad-stops-at-cache", "training: the denoiser's gradient does not reach the encoder's cache",
       "minidiff/train/objective.py", "        dkeys[i] += dpk\n", "", TRAIN),
     M("training-reads-padding", "training: the encoder loss counts the padding of shorter examples",
-      "minidiff/train/objective.py", "pairs = xp.arange(S - 1)[None, :] < (batch.lengths - 1)[:, None]",
-      "pairs = xp.arange(S - 1)[None, :] < (S - 1 + 0 * batch.lengths)[:, None]", TRAIN),
+      "minidiff/train/objective.py", "pairs = xp.arange(S)[None, :] < (batch.lengths - 1)[:, None]",
+      "pairs = xp.arange(S)[None, :] < (S - 1 + 0 * batch.lengths)[:, None]", TRAIN),
     M("training-window-off-by-one", "training: a sliding layer's canvas reads one cache position too many",
       "minidiff/train/objective.py", "ok &= j >= starts[:, None] - (cfg.sliding_window - 1)",
       "ok &= j >= starts[:, None] - cfg.sliding_window", TRAIN),
@@ -330,6 +330,11 @@ def main() -> int:
     args = ap.parse_args()
 
     chosen = [m for m in MUTANTS if args.k in m.name]
+    stale = [f"{m.name}: its text occurs {(ROOT / m.file).read_text().count(m.find)} times in {m.file}"
+             for m in chosen if (ROOT / m.file).read_text().count(m.find) != 1]
+    if stale:                                   # before any test runs: a stale mutant is a quick, clear failure
+        print("\n".join(stale) + "\nfix these mutants (each text must occur once)")
+        return 2
     work = scratch_copy()
     try:
         # the unmutated code must pass every test set used below (here, with or without torch): then a
