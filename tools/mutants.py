@@ -135,7 +135,7 @@ MUTANTS = [
       "row, the bug the first GPU run found", "tools/emulate_moe_kernel.py", "    f += g\n", "",
       ["tests/test_kernel_emulator.py"]),
     M("head-loss-last-block", "training: the head in blocks of rows keeps only the last block's loss",
-      "minidiff/train/objective.py", "        loss += float(block_loss)\n", "        loss = float(block_loss)\n", TRAIN),
+      "minidiff/train/objective.py", "        losses.append(block_loss)", "        losses = [block_loss]", TRAIN),
     M("rmsnorm-backward-no-projection", "training: RMSNorm's backward without the normalisation term",
       "minidiff/train/ops.py", "dx = r * (dn - n * xp.mean(dn * n, axis=-1, keepdims=True))", "dx = r * dn", TRAIN),
     M("decoder-grad-stops-at-cache", "training: the denoiser's gradient does not reach the encoder's cache",

@@ -53,15 +53,16 @@ def head_loss(xp, params, cfg, h, targets, weight, backward=True, scale=1.0):
     n, s_norm = ops.rms_norm(xp, h.reshape(-1, H), params[f"{DEC}.norm.weight"], cfg.rms_norm_eps)   # [N, H]
     E, t, w = params[f"{DEC}.embed_tokens.weight"], targets.reshape(-1), weight.reshape(-1)
     rows = max(1, HEAD_ELEMENTS // E.shape[0])
-    loss, dn, dE = 0.0, (xp.empty_like(n) if backward else None), None
+    losses, dn, dE = [], (xp.empty_like(n) if backward else None), None
     for a in range(0, n.shape[0], rows):
         z, s_lin = ops.linear(xp, n[a:a + rows], E)                                        # [rows, V]
         y, s_cap = ops.softcap(xp, z, cfg.final_logit_softcapping)
         block_loss, dy = cross_entropy(xp, y, t[a:a + rows], w[a:a + rows])
-        loss += float(block_loss)
+        losses.append(block_loss)                                   # summed on the device, read once
         if backward:
             dn[a:a + rows], dE_block = ops.linear_backward(xp, ops.softcap_backward(xp, dy * scale, s_cap), s_lin)
             dE = dE_block if dE is None else dE + dE_block
+    loss = float(sum(losses))
     if not backward:
         return loss, None, None
     dh, dw = ops.rms_norm_backward(xp, dn, s_norm)
