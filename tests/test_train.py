@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
+from minidiff.errors import MinidiffError
 from minidiff.train.trainer import Settings, train
 
 PAIRS = {"pairs": [["What is the capital of France?", "Paris."], ["Name a prime number", "Seven is prime."]]}
@@ -38,6 +39,24 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, data):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     sa, sb = load_file(str(tmp_path / "a" / "trainer_state.safetensors")), load_file(str(tmp_path / "b" / "trainer_state.safetensors"))
     assert all(np.array_equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resuming_with_other_data_is_refused_and_the_run_keeps_its_origin(tmp_path, data):
+    """An exact resume needs the pairs the run trained on (compared by content: a copy elsewhere is fine); other
+    pairs are one error and nothing is written. Resumed sittings keep recording where the run started."""
+    train(None, data, tmp_path / "r", Settings(steps=4, batch=2, warmup=1), stop_after=2)
+    before = (tmp_path / "r" / "trainer_state.json").read_text()
+    other = tmp_path / "other.json"
+    pairs = json.loads(data.read_text())["pairs"]
+    other.write_text(json.dumps({"pairs": pairs[:-1] + [[pairs[-1][0], pairs[-1][1] + "!"]]}))
+    with pytest.raises(MinidiffError, match="other pairs than this run trained on"):
+        train(None, other, tmp_path / "r", Settings(), resume=True)
+    assert (tmp_path / "r" / "trainer_state.json").read_text() == before
+    copy = tmp_path / "copy.json"
+    copy.write_text(json.dumps(json.loads(data.read_text()), indent=3))        # same pairs, other bytes
+    train(None, copy, tmp_path / "r", Settings(), resume=True)
+    meta = json.loads((tmp_path / "r" / "trainer_state.json").read_text())
+    assert meta["step"] == 4 and meta["source"] != str(tmp_path / "r") and not meta["from_scratch"]
 
 
 def test_same_seed_same_weights_other_seed_other_weights(tmp_path, data):

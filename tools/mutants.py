@@ -134,6 +134,9 @@ MUTANTS = [
     M("kernel-lane-group", "GPU kernel (as replayed on the CPU): every lane group loads the warp's first weight "
       "row, the bug the first GPU run found", "tools/emulate_moe_kernel.py", "    f += g\n", "",
       ["tests/test_kernel_emulator.py"]),
+    M("resume-other-data", "training: --resume goes on with other pairs than the run's (no exact resume)",
+      "minidiff/train/trainer.py", 'if resume and meta.get("data_sha256", fingerprint) != fingerprint:', "if False:",
+      TRAIN),
     M("head-loss-last-block", "training: the head in blocks of rows keeps only the last block's loss",
       "minidiff/train/objective.py", "        losses.append(block_loss)", "        losses = [block_loss]", TRAIN),
     M("rmsnorm-backward-no-projection", "training: RMSNorm's backward without the normalisation term",

@@ -10,6 +10,7 @@ continues exactly where it stopped, with the same result as a run that never sto
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -185,6 +186,8 @@ def train(source, data, out, settings: Settings, resume: bool = False, from_scra
         rng = np.random.default_rng()
         rng.bit_generator.state = meta["rng"]
         step0, history, source = meta["step"], meta["history"], out     # out holds the tokenizer and template
+        origin = meta.get("source", str(out))                           # what the run started from, kept
+        from_scratch = meta.get("from_scratch", from_scratch)
     else:
         from ..loader import resolve
         source = Path(resolve(source))
@@ -192,8 +195,13 @@ def train(source, data, out, settings: Settings, resume: bool = False, from_scra
         rng = np.random.default_rng(settings.seed)
         if from_scratch:
             init_params(xp, params, rng)
-        state, step0, history = {}, 0, []
+        state, step0, history, origin = {}, 0, [], str(source)
     pairs = read_pairs(data)
+    fingerprint = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()     # of the pairs, not the file's bytes
+    if resume and meta.get("data_sha256", fingerprint) != fingerprint:
+        raise MinidiffError(f"--resume: {data} holds other pairs than this run trained on (sha256 {fingerprint[:12]}…, "
+                            f"the run's {meta['data_sha256'][:12]}…, from {meta.get('data')}): an exact resume needs "
+                            "the same data")
     examples = encode_pairs(pairs, source, cfg.canvas_length, max_canvases=64)
     trainable = {n for n in params if not n.endswith(TRAINABLE_EXCLUDE)}
     t0 = time.perf_counter()
@@ -212,7 +220,8 @@ def train(source, data, out, settings: Settings, resume: bool = False, from_scra
         out_of_time = stop_after_seconds is not None and time.perf_counter() - t0 >= stop_after_seconds
         if step + 1 == end or (step + 1) % settings.save_every == 0 or out_of_time:
             meta = {"step": step + 1, "rng": rng.bit_generator.state, "settings": asdict(settings),
-                    "source": str(source), "data": str(data), "history": history, "from_scratch": from_scratch}
+                    "source": origin, "data": str(data), "data_sha256": fingerprint, "history": history,
+                    "from_scratch": from_scratch}
             save_checkpoint(out, source, params, state, meta)
         if out_of_time:
             break
