@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # A Sudoku training sitting on a lent GPU, for the device time left after tools/gpu_check.sh: the committed run
-# in tools/sudoku_checkpoint/ goes on through CuPy for M minutes (default 4; fractions allowed). The weights and
+# in tools/sudoku_checkpoint/ goes on through CuPy for M minutes (default 4; fractions allowed; a finished
+# run has nothing left: start the next fine-tune there instead, `minidiff train --model ... --device cuda`). The weights and
 # optimizer state land in $OUT/sudoku_checkpoint/ (three files, within what a device call brings back), the log
 # in $OUT/sudoku.log. Back here, copy them over tools/sudoku_checkpoint/ and evaluate on the CPU:
 #     bash tools/gpu_train_sudoku.sh [M]
