@@ -4,7 +4,7 @@ its textbook formulas. (tests/test_train_ops.py, _layer.py and _objective.py che
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 from minidiff.train.objective import Batch, load_params, loss_and_grads
 from minidiff.train.trainer import Settings, adamw_step
@@ -122,6 +122,9 @@ def test_the_training_forward_is_the_inference_forward(seed, window, prompt_len,
     from minidiff.loader import resolve
     from minidiff.model import Model
     from minidiff.weights import load_text_weights, open_checkpoint
+    from unittest import mock
+
+    from minidiff.train import ops
     from minidiff.train.objective import denoiser, encoder, head
     folder = resolve(None)
     cfg = dataclasses.replace(load_config(folder), sliding_window=window)
@@ -133,9 +136,22 @@ def test_the_training_forward_is_the_inference_forward(seed, window, prompt_len,
     start = prompt_len + b * C
     xt = rng.integers(0, cfg.vocab_size, C)
     sc = (4 * rng.standard_normal((C, cfg.vocab_size))).astype(np.float32) if use_sc else None
-    _, keys, values, _ = encoder(np, params, cfg, ids[None])
-    h, _ = denoiser(np, params, cfg, xt[None], np.array([start]), keys, values,
-                    None if sc is None else sc[None], np.array([0]))
+    gaps = []                                              # each token's gap between its k-th and (k+1)-th expert
+
+    def route(xp, res, *args):
+        out, saved = ops_route(xp, res, *args)
+        p = np.sort(saved[6], axis=-1)[:, ::-1]
+        gaps.append(float((p[:, cfg.top_k_experts - 1] - p[:, cfg.top_k_experts]).min()))
+        return out, saved
+    ops_route = ops.route
+    with mock.patch.object(ops, "route", route):
+        _, keys, values, _ = encoder(np, params, cfg, ids[None])
+        h, _ = denoiser(np, params, cfg, xt[None], np.array([start]), keys, values,
+                        None if sc is None else sc[None], np.array([0]))
+    # a router tie (two experts within float32 noise of each other) lets two right implementations choose
+    # differently: such draws say nothing about the forward (seed 3037, window 40, prompt 29, b 2, with
+    # self-conditioning was one: a gap of 7e-8, and 1e-4 of noise on its input flips the training choice)
+    assume(min(gaps) > 1e-6)
     got = head(np, params, cfg, h)
     want = model.denoise(xt, model.encode(ids[:start]), sc)
     tol = 1e-4 * max(1.0, float(np.abs(want).max()))       # the project's logit tolerance (float32 sums)
