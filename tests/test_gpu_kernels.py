@@ -10,6 +10,7 @@ Model: fp32 logits within 1e-4 relative of NumPy and the same trajectories; "bf1
 a stated bound and the same memorised answer on the default model.
 """
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,23 +24,19 @@ import minidiff  # noqa: E402
 from minidiff import gpu  # noqa: E402
 from minidiff.tensors import bf16_to_f32, f32_to_bf16_bits  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import emulate_moe_kernel  # noqa: E402
+
 GOLDEN = Path(__file__).parent / "golden" / "tiny"
 BOUND = 2e-3
 
 
 def random_experts(rng, fmt, E, N, K, G):
-    """-> (DeviceExperts, float32 weight values [E, N, K]) with random bf16 or int4 weights."""
-    if fmt == "bf16":
-        bits = f32_to_bf16_bits((0.2 * rng.standard_normal((E, N, K))).astype(np.float32))
-        return gpu.DeviceExperts("bf16", bits, (E, N, K), kernels=True, xp=cupy), bf16_to_f32(bits)
-    codes = rng.integers(0, 16, size=(E, N, K)).astype(np.uint32)
-    words = np.zeros((E, N, K // 8), np.uint32)
-    for i in range(8):
-        words |= codes[..., i::8] << np.uint32(4 * i)
-    scales = bf16_to_f32(f32_to_bf16_bits(rng.uniform(0.01, 0.05, (E, N, K // G)).astype(np.float32)))
-    values = (codes.astype(np.float32) - 8).reshape(E, N, K // G, G) * scales[..., None]
-    dev = gpu.DeviceExperts("int4", words, (E, N, K), scales, G, kernels=True, xp=cupy)
-    return dev, values.reshape(E, N, K)
+    """-> (DeviceExperts, float32 weight values [E, N, K]) with random bf16 or int4 weights (the draw of
+    tools/emulate_moe_kernel.py, which replays these same cases on the CPU)."""
+    data, scales, values = emulate_moe_kernel.random_experts(rng, fmt, E, N, K, G)
+    group = G if fmt == "int4" else None
+    return gpu.DeviceExperts(fmt, data, (E, N, K), scales, group, kernels=True, xp=cupy), values
 
 
 CASES = [  # T, E, k, H, Ie, G, experts left empty

@@ -142,9 +142,12 @@ def run(kind, fmt, W, scales, X, row_token, offsets, H, Ie, G, out, route_weight
 
 
 def moe(fmt, gate_up, gate_up_scales, down, down_scales, x, idx, weight, H, Ie, G):
-    """gpu.DeviceExperts.run with both launches replayed: x [T, H] float32, idx/weight [T, k] -> [T, H]."""
+    """gpu.DeviceExperts.run with both launches replayed: x [T, H] float32, idx/weight [T, k] -> [T, H]; the
+    experts as random_experts gives them (bf16 bits [E, N, K], or int4 words [E, N, K/8] + scales [E, N, K/G])."""
     T, k = idx.shape
-    E = (gate_up.size * (1 if fmt == "bf16" else 8)) // (2 * Ie * H)
+    E = gate_up.shape[0]
+    flat = [None if a is None else a.reshape(-1) for a in (gate_up, gate_up_scales, down, down_scales)]
+    gate_up, gate_up_scales, down, down_scales = flat                  # the kernels index them flat
     plan = gpu.route_plan(np, idx, weight, E)
     act = np.full(plan.A * Ie, 0x7FC0, np.uint16)                   # poisoned (NaN) as in the GPU test
     rows = np.full(plan.A * H, np.nan, np.float32)
@@ -155,17 +158,18 @@ def moe(fmt, gate_up, gate_up_scales, down, down_scales, x, idx, weight, H, Ie, 
 
 
 def random_experts(rng, fmt, E, N, K, G):
-    """-> (flat words, flat scales or None, float32 values [E, N, K]) as tests/test_gpu_kernels.py draws them."""
+    """Random experts [E, N, K] in `fmt` -> (bf16 bits [E, N, K] or int4 words [E, N, K/8], scales
+    [E, N, K/G] or None, float32 weight values [E, N, K]); tests/test_gpu_kernels.py draws its cases with it."""
     if fmt == "bf16":
         bits = f32_to_bf16_bits((0.2 * rng.standard_normal((E, N, K))).astype(np.float32))
-        return bits.reshape(-1), None, bf16_to_f32(bits)
+        return bits, None, bf16_to_f32(bits)
     codes = rng.integers(0, 16, size=(E, N, K)).astype(np.uint32)
     words = np.zeros((E, N, K // 8), np.uint32)
     for i in range(8):
         words |= codes[..., i::8] << np.uint32(4 * i)
     scales = bf16_to_f32(f32_to_bf16_bits(rng.uniform(0.01, 0.05, (E, N, K // G)).astype(np.float32)))
     values = (codes.astype(np.float32) - 8).reshape(E, N, K // G, G) * scales[..., None]
-    return words.reshape(-1), scales.reshape(-1), values.reshape(E, N, K)
+    return words, scales, values.reshape(E, N, K)
 
 
 def check(fmt, T, E, k, H, Ie, G, empty, seed=None):

@@ -333,8 +333,8 @@ def main() -> int:
     args = ap.parse_args()
 
     chosen = [m for m in MUTANTS if args.k in m.name]
-    stale = [f"{m.name}: its text occurs {(ROOT / m.file).read_text().count(m.find)} times in {m.file}"
-             for m in chosen if (ROOT / m.file).read_text().count(m.find) != 1]
+    counts = {m.name: (ROOT / m.file).read_text().count(m.find) for m in chosen}
+    stale = [f"{m.name}: its text occurs {counts[m.name]} times in {m.file}" for m in chosen if counts[m.name] != 1]
     if stale:                                   # before any test runs: a stale mutant is a quick, clear failure
         print("\n".join(stale) + "\nfix these mutants (each text must occur once)")
         return 2

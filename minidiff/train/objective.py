@@ -13,11 +13,11 @@ A batch is one array per quantity (`Batch`): the sequences right-padded to one l
 runs once for the whole batch (no Python loop over examples). Padding is never read: the encoder is causal
 and padding comes last, a canvas reads only the positions before it, and the encoder loss skips it.
 
-The head and its loss run `HEAD_ROWS` at a time (`head_loss`): logits exist only a few rows at once, so
-a 262,144-entry vocabulary costs chunk · V floats, not B · S · V (pass 1's logits, the input of
-self-conditioning, are the one whole [n, C, V] array). The gradient of the decoder loss flows into the
-encoder's keys and values (the release does not stop it); weights shared by both passes get the sum. Everything here is plain NumPy/CuPy through `xp`; the
-layer's backward is minidiff/train/layer.py, each op's is minidiff/train/ops.py.
+The head and its loss run a block of rows at a time (`head_loss`, at most HEAD_ELEMENTS logits at once),
+so a 262,144-entry vocabulary never costs B · S · V floats (pass 1's logits, the input of self-conditioning,
+are the one whole [n, C, V] array). The gradient of the decoder loss flows into the encoder's keys and
+values (the release does not stop it); weights shared by both passes get the sum. Everything here is plain
+NumPy/CuPy through `xp`; the layer's backward is minidiff/train/layer.py, each op's is minidiff/train/ops.py.
 """
 
 from __future__ import annotations
