@@ -5,6 +5,8 @@ its training prompts."""
 import json
 import subprocess
 import sys
+import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
@@ -97,6 +99,46 @@ def test_cli_refusals(tmp_path, data):
     assert code == 2 and "--resume continues it" in err
     code, err = run("--data", str(data), "--out", str(tmp_path / "o"), "--lr", "nan")
     assert code == 2 and "--lr" in err
+
+
+def test_pairs_may_be_gzipped_and_bad_or_oversized_files_are_one_error(tmp_path, data, monkeypatch):
+    """A gzipped pairs file reads as the plain one (found by its bytes, not its name). A truncated or corrupt
+    gzip, a directory, or JSON beyond the size cap (a small file that unzips to gigabytes) is one MinidiffError,
+    and the cap is checked before decoding: the read stops one byte past it."""
+    import gzip
+
+    from minidiff.train import trainer
+    raw = data.read_bytes()
+    (tmp_path / "p.json.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / "p.bin").write_bytes(gzip.compress(raw))
+    plain = trainer.read_pairs(data)
+    assert trainer.read_pairs(tmp_path / "p.json.gz") == plain == trainer.read_pairs(tmp_path / "p.bin")
+    (tmp_path / "cut.gz").write_bytes(gzip.compress(raw)[:-9])
+    (tmp_path / "junk.gz").write_bytes(b"\x1f\x8b" + bytes(range(40)))
+    for bad, why in (("cut.gz", "cannot read"), ("junk.gz", "cannot read"), (".", "cannot read")):
+        with pytest.raises(MinidiffError, match=why):
+            trainer.read_pairs(tmp_path / bad)
+    monkeypatch.setattr(trainer, "MAX_PAIRS_BYTES", len(raw) - 1)
+    for name, why in ((data, "MiB of JSON$"), (tmp_path / "p.json.gz", "MiB of JSON unzipped")):
+        with pytest.raises(MinidiffError, match=why):
+            trainer.read_pairs(name)
+    monkeypatch.setattr(trainer, "MAX_PAIRS_BYTES", len(raw))
+    assert trainer.read_pairs(tmp_path / "p.json.gz") == plain
+    bomb, z = tmp_path / "bomb.gz", zlib.compressobj(9, zlib.DEFLATED, 31)     # 31: the gzip container
+    with open(bomb, "wb") as f:                          # 256 MiB of spaces in about 250 kB
+        f.write(z.compress(raw))
+        for _ in range(256):
+            f.write(z.compress(b" " * (1 << 20)))
+        f.write(z.flush())
+    monkeypatch.setattr(trainer, "MAX_PAIRS_BYTES", 1 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(MinidiffError, match="MiB of JSON unzipped"):
+            trainer.read_pairs(bomb)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak                          # read up to the cap, not the whole bomb
 
 
 def test_adamw_and_schedule_equal_torch():

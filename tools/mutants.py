@@ -137,6 +137,8 @@ MUTANTS = [
     M("resume-other-data", "training: --resume goes on with other pairs than the run's (no exact resume)",
       "minidiff/train/trainer.py", 'if resume and meta.get("data_sha256", fingerprint) != fingerprint:', "if False:",
       TRAIN),
+    M("pairs-size-cap", "training: a pairs file is read whole, however large it unzips (a gzip bomb)",
+      "minidiff/train/trainer.py", ".read(MAX_PAIRS_BYTES + 1)", ".read()", ["tests/test_train.py"]),
     M("head-loss-last-block", "training: the head in blocks of rows keeps only the last block's loss",
       "minidiff/train/objective.py", "        losses.append(block_loss)", "        losses = [block_loss]", TRAIN),
     M("rmsnorm-backward-no-projection", "training: RMSNorm's backward without the normalisation term",

@@ -102,15 +102,16 @@ def evaluate(folder: Path, items: list, seed: int = 0, batch: int = 16) -> dict:
 
 def held_out(run: Path, counts: dict, exclude=()) -> list:
     """(puzzle, solution) texts per bin, drawn from a fixed generator (seed 99), none of them a puzzle the
-    model trained on: every *pairs*.json in the run folder, the data its trainer_state.json names, and the
+    model trained on: every *pairs*.json(.gz) in the run folder, the data its trainer_state.json names, and the
     `exclude` files; a drawn training puzzle is drawn again. No training data found at all: an error."""
-    files = sorted(run.glob("*pairs*.json")) + [Path(f) for f in exclude]
+    from minidiff.train.trainer import read_pairs
+    files = sorted(run.glob("*pairs*.json*")) + [Path(f) for f in exclude]
     if (run / "trainer_state.json").is_file():
         files.append(Path(json.loads((run / "trainer_state.json").read_text())["data"]))
     seen = set()
     for f in files:
         if f.is_file():
-            seen |= {p for p, _ in json.loads(f.read_text())["pairs"]}
+            seen |= {p for p, _ in read_pairs(f)}
     if not seen:
         raise SystemExit(f"{run}: no training data found (--exclude FILE): cannot tell held-out puzzles from "
                          "trained ones")

@@ -10,12 +10,14 @@ continues exactly where it stopped, with the same result as a run that never sto
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
 import shutil
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,11 +69,22 @@ def encode_pairs(pairs, folder, canvas: int, max_canvases: int):
     return out
 
 
+MAX_PAIRS_BYTES = 1 << 30      # a pairs file's JSON, after any gunzip: more is refused, not read (memory)
+
+
 def read_pairs(path) -> list:
+    """[(prompt, answer), ...] from {"pairs": [["prompt", "answer"], ...]}: a .json file or a gzipped one
+    (recognised by its first bytes, whatever its name)."""
     from ..folder import parse_json
     try:
-        d = parse_json(Path(path).read_text(encoding="utf-8"), str(path))
-    except (OSError, UnicodeError) as e:
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+            f.seek(0)
+            raw = (gzip.GzipFile(fileobj=f) if gzipped else f).read(MAX_PAIRS_BYTES + 1)
+        if len(raw) > MAX_PAIRS_BYTES:
+            raise MinidiffError(f"{path}: more than {MAX_PAIRS_BYTES >> 20} MiB of JSON{' unzipped' if gzipped else ''}")
+        d = parse_json(raw.decode("utf-8"), str(path))
+    except (OSError, EOFError, zlib.error, UnicodeError) as e:      # gzip's errors: OSError, EOFError, zlib.error
         raise MinidiffError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})")
     pairs = d.get("pairs") if isinstance(d, dict) else None
     if not isinstance(pairs, list) or not pairs or not all(
