@@ -28,7 +28,7 @@ if [ $# -ge 2 ]; then
         --stop-after-minutes "$MIN" 2>&1 | tr '\r' '\n' | tail -n 40 | tee -a "$OUT/sudoku.log"
 else
     cp -r tools/sudoku_checkpoint "$RUN"
-    $PY -m minidiff train --data tools/sudoku_checkpoint/train_pairs.json --out "$RUN" --resume --device cuda \
+    $PY -m minidiff train --data tools/sudoku_checkpoint/train_pairs.json.gz --out "$RUN" --resume --device cuda \
         --stop-after-minutes "$MIN" 2>&1 | tr '\r' '\n' | tail -n 40 | tee "$OUT/sudoku.log"
 fi
 cp "$RUN/model.safetensors" "$RUN/trainer_state.json" "$RUN/trainer_state.safetensors" "$OUT/sudoku_checkpoint/"

@@ -163,9 +163,9 @@ the whole grid right; cells: the blanks right):
 |---|---|---|---|---|
 {table}
 
-The goal, 80 % of medium puzzles solved exactly, needs far more training than the two CPU cores it has had
-(docs/training.md). Answers are checked: `minidiff sudoku` says "solved" only for a valid grid that keeps
-every given.
+The goal, 80 % of medium puzzles solved exactly, needs far more training than the CPU hours and GPU
+minutes it has had (docs/training.md). Answers are checked: `minidiff sudoku` says "solved" only for a
+valid grid that keeps every given.
 """
 
 
