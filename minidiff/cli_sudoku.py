@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=16, metavar="N", help="--plain: puzzles per model call (16)")
     p.add_argument("--seed", type=int, default=0, help="sampler (and --random) seed (0)")
     p.add_argument("--steps", type=int, metavar="N", help="denoising steps at most (the model's setting)")
+    p.add_argument("--t-min", type=float, metavar="T", help="the sampler's last temperature (the model's setting)")
+    p.add_argument("--t-max", type=float, metavar="T", help="the sampler's first temperature (the model's setting)")
     p.add_argument("--no-hold", action="store_true", help="do not hold the givens on the canvas")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     v = p.add_argument_group("display")
@@ -86,12 +88,14 @@ class Solver:
     def digits(self, canvas) -> list[int]:
         return [self.digit_of.get(int(t), 0) for t in canvas[:81]]
 
-    def solve(self, puzzles, seed=0, hold=True, steps=None, callback=None):
-        """-> (answers as 81-int lists, the sampler's GenerateResult) for a batch of puzzles (81-int lists)."""
+    def solve(self, puzzles, seed=0, hold=True, steps=None, callback=None, t_min=None, t_max=None):
+        """-> (answers as 81-int lists, the sampler's GenerateResult) for a batch of puzzles (81-int lists).
+        steps, t_min, t_max: None keeps the model folder's generation_config.json."""
         from .sampler import generate
         over = dict(seed=seed, max_new_tokens=self.model.config.canvas_length)
-        if steps is not None:
-            over["max_denoising_steps"] = steps
+        for name, value in (("max_denoising_steps", steps), ("t_min", t_min), ("t_max", t_max)):
+            if value is not None:
+                over[name] = value
         res = generate(self.model, [self.prompt(p) for p in puzzles], callback=callback,
                        infill=[self.held(p) for p in puzzles] if hold else None, **over)
         answers = [self.digits(t) for t in res.tokens]
@@ -174,13 +178,14 @@ def run(args) -> int:
         raise MinidiffError("--steps must be at least 1")
     if sum(x is not None for x in (args.puzzle, args.random, args.plain)) != 1:
         raise MinidiffError("give one of: a puzzle, --random BIN, --plain FILE")
+    sampling = dict(steps=args.steps, t_min=args.t_min, t_max=args.t_max)    # checked by the sampler's config
     if args.plain is not None:
         puzzles = read_puzzles(args.plain)                 # all checked before the model loads
         solver = Solver(args.model, args.device)
         solved = 0
         for i in range(0, len(puzzles), args.batch):
             batch = puzzles[i:i + args.batch]
-            answers, _ = solver.solve(batch, seed=args.seed, hold=not args.no_hold, steps=args.steps)
+            answers, _ = solver.solve(batch, seed=args.seed, hold=not args.no_hold, **sampling)
             for p, a in zip(batch, answers):
                 sys.stdout.write(sudoku.to_text(a) + "\n")
                 solved += sudoku.check(p, a)
@@ -199,7 +204,8 @@ def run(args) -> int:
     print(f"puzzle ({givens} givens, {sudoku.difficulty(puzzle)}):")
     print("\n".join(grid_lines(puzzle)))
     try:
-        answers, res = solver.solve([puzzle], seed=args.seed, hold=not args.no_hold, steps=args.steps, callback=view)
+        answers, res = solver.solve([puzzle], seed=args.seed, hold=not args.no_hold, callback=view,
+                                      **sampling)
     finally:
         if view is not None:
             view.clear()

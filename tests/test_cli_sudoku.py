@@ -85,6 +85,29 @@ def test_oversized_input_and_bad_options(folder, monkeypatch, capsys, tmp_path):
         assert capsys.readouterr().err.startswith("minidiff: error:")
 
 
+def test_temperatures_reach_the_sampler_and_bad_ones_are_one_error(folder, monkeypatch, capsys):
+    """--t-min/--t-max override the model's generation_config (the Sudoku model's own temperatures are
+    tuned: docs/training.md); values the sampler's config refuses are one error line, nothing solved."""
+    from minidiff import sampler
+    seen, real = [], sampler.generate
+
+    def spy(model, prompts, **kw):
+        res = real(model, prompts, **kw)
+        seen.append(res.config)                         # the settings the sampler ran with
+        return res
+    monkeypatch.setattr(sampler, "generate", spy)
+    stdin(monkeypatch, (PUZZLE + "\n").encode())
+    assert main(["sudoku", "--model", folder, "--plain", "-", "--steps", "2", "--t-min", "1.25", "--t-max", "2.5"]) == 0
+    c = seen[-1]
+    assert (c.t_min, c.t_max, c.max_denoising_steps) == (1.25, 2.5, 2)
+    capsys.readouterr()
+    for bad in (["--t-min", "2", "--t-max", "1"], ["--t-min", "nan"], ["--t-max", "-1"]):
+        stdin(monkeypatch, (PUZZLE + "\n").encode())
+        assert main(["sudoku", "--model", folder, "--plain", "-", "--steps", "2", *bad]) == 2, bad
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1 and err.startswith("minidiff: error:"), (bad, err)
+
+
 def test_a_folder_that_is_not_a_sudoku_model_is_refused(tmp_path, capsys):
     d = tmp_path / "m"
     train_sudoku.make_folder(d)
