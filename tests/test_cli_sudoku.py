@@ -106,6 +106,9 @@ def test_temperatures_reach_the_sampler_and_bad_ones_are_one_error(folder, monke
         assert main(["sudoku", "--model", folder, "--plain", "-", "--steps", "2", *bad]) == 2, bad
         out, err = capsys.readouterr()
         assert out == "" and err.count("\n") == 1 and err.startswith("minidiff: error:"), (bad, err)
+        assert main(["sudoku", "--model", folder, PUZZLE, "--no-live", *bad]) == 2        # before the grid is drawn
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("\n") == 1, (bad, out, err)
 
 
 def test_a_folder_that_is_not_a_sudoku_model_is_refused(tmp_path, capsys):

@@ -82,7 +82,8 @@ def read_pairs(path) -> list:
             f.seek(0)
             raw = (gzip.GzipFile(fileobj=f) if gzipped else f).read(MAX_PAIRS_BYTES + 1)
         if len(raw) > MAX_PAIRS_BYTES:
-            raise MinidiffError(f"{path}: more than {MAX_PAIRS_BYTES >> 20} MiB of JSON{' unzipped' if gzipped else ''}")
+            unzipped = " unzipped" if gzipped else ""
+            raise MinidiffError(f"{path}: more than {MAX_PAIRS_BYTES >> 20} MiB of JSON{unzipped}")
         d = parse_json(raw.decode("utf-8"), str(path))
     except (OSError, EOFError, zlib.error, UnicodeError) as e:      # gzip's errors: OSError, EOFError, zlib.error
         raise MinidiffError(f"{path}: cannot read ({getattr(e, 'strerror', None) or e})")
