@@ -88,18 +88,21 @@ class Solver:
     def digits(self, canvas) -> list[int]:
         return [self.digit_of.get(int(t), 0) for t in canvas[:81]]
 
-    def settings(self, steps=None, t_min=None, t_max=None) -> dict:
-        """The sampler overrides for solve(), checked now against the model's generation_config.json (None
-        keeps its value): a bad value is an error before anything is solved or printed."""
+    @staticmethod
+    def overrides(steps=None, t_min=None, t_max=None) -> dict:
+        """The sampler settings given for solve(); None keeps the model folder's generation_config.json."""
+        return {k: v for k, v in (("max_denoising_steps", steps), ("t_min", t_min), ("t_max", t_max)) if v is not None}
+
+    def check(self, steps=None, t_min=None, t_max=None) -> None:
+        """Those settings against the model's generation_config.json now, so that a bad value is an error before
+        anything is solved or printed (generate checks them again as it starts)."""
         from .sampler import resolve_config
-        over = {k: v for k, v in (("max_denoising_steps", steps), ("t_min", t_min), ("t_max", t_max)) if v is not None}
-        resolve_config(self.model, **over)
-        return over
+        resolve_config(self.model, **self.overrides(steps, t_min, t_max))
 
     def solve(self, puzzles, seed=0, hold=True, steps=None, callback=None, t_min=None, t_max=None):
         """-> (answers as 81-int lists, the sampler's GenerateResult) for a batch of puzzles (81-int lists)."""
         from .sampler import generate
-        over = dict(self.settings(steps, t_min, t_max), seed=seed, max_new_tokens=self.model.config.canvas_length)
+        over = dict(self.overrides(steps, t_min, t_max), seed=seed, max_new_tokens=self.model.config.canvas_length)
         res = generate(self.model, [self.prompt(p) for p in puzzles], callback=callback,
                        infill=[self.held(p) for p in puzzles] if hold else None, **over)
         answers = [self.digits(t) for t in res.tokens]
@@ -186,7 +189,7 @@ def run(args) -> int:
     if args.plain is not None:
         puzzles = read_puzzles(args.plain)                 # all checked before the model loads
         solver = Solver(args.model, args.device)
-        solver.settings(**sampling)
+        solver.check(**sampling)
         solved = 0
         for i in range(0, len(puzzles), args.batch):
             batch = puzzles[i:i + args.batch]
@@ -202,7 +205,7 @@ def run(args) -> int:
     else:
         puzzle = sudoku.parse(args.puzzle)
     solver = Solver(args.model, args.device)
-    solver.settings(**sampling)
+    solver.check(**sampling)
     color = not args.no_color and sys.stdout.isatty()
     live = args.live if args.live is not None else sys.stdout.isatty()
     view = LiveGrid(solver, sys.stdout, color) if live else None

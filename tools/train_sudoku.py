@@ -112,9 +112,8 @@ def held_out(run: Path, counts: dict, exclude=()) -> list:
     if (run / "trainer_state.json").is_file():
         files.append(Path(json.loads((run / "trainer_state.json").read_text())["data"]))
     seen = set()
-    for f in files:
-        if f.is_file():
-            seen |= {p for p, _ in read_pairs(f)}
+    for f in dict.fromkeys(f.resolve() for f in files if f.is_file()):     # each file once (the glob and the
+        seen |= {p for p, _ in read_pairs(f)}                              # trainer state may name the same)
     if not seen:
         raise SystemExit(f"{run}: no training data found (--exclude FILE): cannot tell held-out puzzles from "
                          "trained ones")
