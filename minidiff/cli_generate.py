@@ -116,7 +116,7 @@ class Session:
     def __init__(self, args, want_chat: bool | None):
         from . import load
         from .chat import ChatTemplate
-        from .sampler import resolve_config
+        from .generation_config import resolve_config
         from .tokenizer import Tokenizer
 
         self.model = load(args.model, device=args.device, precision=args.precision)

@@ -96,7 +96,7 @@ class Solver:
     def check(self, steps=None, t_min=None, t_max=None) -> None:
         """Those settings against the model's generation_config.json now, so that a bad value is an error before
         anything is solved or printed (generate checks them again as it starts)."""
-        from .sampler import resolve_config
+        from .generation_config import resolve_config
         resolve_config(self.model, **self.overrides(steps, t_min, t_max))
 
     def solve(self, puzzles, seed=0, hold=True, steps=None, callback=None, t_min=None, t_max=None):

@@ -16,6 +16,7 @@ from .errors import MinidiffError
 from .folder import ModelFolder, _show
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+DEC, ENC = "model.decoder", "model.encoder.language_model"   # the checkpoint's two prefixes (§9)
 FINAL_LOGIT_SOFTCAP = 30.0  # a class attribute in the reference: saved configs omit it; read it when present
 
 
@@ -52,6 +53,7 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=lambda: [1])
     final_logit_softcapping: float = FINAL_LOGIT_SOFTCAP
     quantization_config: dict | None = None
+    checkpoint_dtype: str | None = None   # the dtype the checkpoint was saved in ("bfloat16"; None: not stated)
 
     @property
     def layer_types(self) -> list[str]:
@@ -221,6 +223,8 @@ def parse_config(root: dict) -> ModelConfig:
         eos_token_ids=eos,
         final_logit_softcapping=float(_num(tc, "final_logit_softcapping", w, lo=1e-3, hi=1e6, default=FINAL_LOGIT_SOFTCAP)),
         quantization_config=qc,
+        checkpoint_dtype=next((d for d in (root.get("dtype"), root.get("torch_dtype"), tc.get("dtype"),
+                                           tc.get("torch_dtype")) if isinstance(d, str)), None),
     )
 
 

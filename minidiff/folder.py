@@ -13,7 +13,7 @@ People load folders that strangers uploaded, so a folder is read as an attacker 
 
 Every problem is a `MinidiffError` whose one line names the file (and the field, where there is one) and
 never echoes the file's bytes. The checks of what the JSON *means* (types, ranges, agreement with the
-tensors) live with the code that reads each file: config.py, weights.py, quant.py, sampler.py, chat.py.
+tensors) live with the code that reads each file: config.py, weights.py, schemes.py, generation_config.py, chat.py.
 """
 
 from __future__ import annotations

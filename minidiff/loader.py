@@ -47,14 +47,21 @@ def load(path_or_hub_id=None, device: str = "cpu", precision: str = "fp32") -> M
     to float32 per use (tensors.py); everything else is float32. On device "cuda" the weights stay compact
     on the GPU (bf16 words, packed int4: gpu.py). precision "fp32" computes as on the CPU (the same
     trajectories); "bf16" runs the experts on the grouped tensor-core kernels with bf16 activations.
+
+    This is the one place a backend is chosen: each weight gets the products its device offers for it
+    (ops.py's docstring has the protocol the model asks them by).
     """
     folder = resolve(path_or_hub_id)
     xp = get_xp(device)
     cfg = load_config(folder)
     weights = load_text_weights(open_checkpoint(folder), cfg)
     if xp.__name__ != "numpy":
-        from .gpu import to_device
+        from .gpu import to_device            # device weights: bf16 GEMMs and the MoE kernels in "bf16"
         weights = {k: to_device(v, k, precision, xp) for k, v in weights.items()}
     elif precision != "fp32":
         raise MinidiffError(f"precision {precision!r} is for device 'cuda'; the CPU computes in float32")
+    else:
+        from .kernels import lowbit_matmul    # 4-bit weights: the CPU kernel, where it builds and applies
+        for w in weights.values():
+            lowbit_matmul.bind(w)
     return Model(cfg, weights, folder=folder, xp=xp)

@@ -1,7 +1,7 @@
 """`minidiff quantize SRC DST`: a bf16/fp32 checkpoint -> an int4 (W4A16) checkpoint.
 
 The output is a compressed-tensors `pack-quantized` checkpoint (the bit layout is written out in
-`minidiff/quant.py`): symmetric int4, one scale per group of `--group-size` inputs, in the source's
+`minidiff/formats.py`): symmetric int4, one scale per group of `--group-size` inputs, in the source's
 float dtype (bf16 for the release). `--scope experts` quantizes the routed experts only;
 `--scope all-linear` (the default) also the attention projections and the dense MLP. Never
 quantized: the tied embedding / lm_head, the router, the self-conditioning MLP (vLLM builds it as a
@@ -35,11 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import quant as Q
+from . import formats as Q
 from .config import read_config_json
 from .errors import MinidiffError
 from .folder import ModelFolder
 from .output import Temporaries, destination_lock, temp_path, write_file
+from .tensors import f32_to_bf16_bits, to_float32
 from .weights import DTYPES, open_checkpoint
 
 FORMATS = ("int4", "nvfp4", "nvfp4-modelopt")
@@ -318,8 +319,7 @@ def _as_float32(ckpt, name: str, rows=None, expert=None) -> np.ndarray:
         raw = raw[expert]
     if rows is not None:
         raw = raw[rows]
-    dtype = ckpt.dtype(name)
-    return Q.bf16_bits_to_f32(raw) if dtype == "BF16" else np.asarray(raw, dtype=np.float32)
+    return to_float32(raw, ckpt.dtype(name))
 
 
 def _write_module(w: ShardWriter, module: str, W: np.ndarray, g: int, fmt: str, scale_dtype: str):
@@ -330,7 +330,7 @@ def _write_module(w: ShardWriter, module: str, W: np.ndarray, g: int, fmt: str, 
         scale = Q.int4_scales(W, g, scale_dtype)                       # float32 [out, n/g]
         packed = Q.pack_int4(Q.quantize_int4(W, scale))                # int32 [out, ceil(n/8)]
         if scale_dtype == "BF16":
-            scale_out = Q.f32_to_bf16_bits(scale)                      # exact: values are bf16
+            scale_out = f32_to_bf16_bits(scale)                      # exact: values are bf16
         else:
             scale_out = scale.astype(np.float16 if scale_dtype == "F16" else np.float32)
         w.write(module + ".weight_packed", packed)

@@ -27,9 +27,7 @@ so a mock denoiser can stand in for the model (tests/test_sampler*.py).
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -37,148 +35,9 @@ from typing import Callable
 
 import numpy as np
 
-from .backend import array_module, rowwise
+from .backend import array_module, rowwise, to_numpy
 from .errors import MinidiffError
-from .folder import ModelFolder
-
-# ----------------------------------------------------------------------------------------------
-# Parameters
-
-MAX_STEPS = 10_000   # denoising steps per canvas (the release uses 48)
-
-
-@dataclass
-class GenerationConfig:
-    """The sampler's knobs, with the reference's names and defaults (HF `_get_default_generation_params`).
-
-    Resolution order (last wins): these defaults < the model folder's `generation_config.json` (a null
-    field there means "default") < a `GenerationConfig` passed to `generate` < keyword overrides.
-    As in HF, an explicit `None` passed as an override switches a feature off: `t_min`/`t_max` None = no
-    temperature (T = 1), `stability_threshold`/`confidence_threshold` None = no adaptive stopping
-    (exactly `max_denoising_steps` steps per canvas).
-    """
-    max_new_tokens: int = 256               # canvases = ceil(max_new_tokens / C); never trimmed below whole canvases
-    max_length: int | None = None           # HF quirk: used only when max_new_tokens == 256 (then = max_length - P)
-    max_denoising_steps: int = 48           # N: forward passes per canvas at most
-    entropy_bound: float = 0.1              # acceptance budget in nats (HF: sampler_config.entropy_bound)
-    t_min: float | None = 0.4               # temperature end point (never reached: T(1) = t_min + (t_max - t_min)/N)
-    t_max: float | None = 0.8               # temperature at the first step
-    stability_threshold: int | None = 1     # argmax must equal the previous s argmax canvases ...
-    confidence_threshold: float | None = 0.005   # ... and mean entropy < this, to stop early
-    eos_token_id: list[int] | None = None   # stop ids; None = the model config's eos ids
-    pad_token_id: int | None = None         # fills a canvas after its first stop id; None = model config's pad
-    seed: int | None = None                 # numpy.random.default_rng(seed); None = a fresh seed (reported back)
-    greedy: bool = False                    # extra (not in HF): T = 0 limit, sample = argmax, every position accepted
-    self_conditioning_dtype: str = "auto"   # "bfloat16" | "float32" | "auto" (= the checkpoint's stored dtype, as HF)
-
-    # -- construction -------------------------------------------------------------------------
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "generation_config.json") -> "GenerationConfig":
-        """Parse an HF `generation_config.json` dict; null fields and unknown keys keep the defaults."""
-        if not isinstance(d, dict):
-            raise MinidiffError(f"{where}: top level must be a JSON object")
-        kw = {}
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key, value in d.items():
-            if key == "sampler_config" and value is not None:
-                if not isinstance(value, dict):
-                    raise MinidiffError(f"{where}: sampler_config must be an object")
-                cls_name = value.get("_cls_name", "EntropyBoundSamplerConfig")
-                if cls_name != "EntropyBoundSamplerConfig":
-                    raise MinidiffError(f"{where}: sampler_config {cls_name!r} is not supported "
-                                        "(only EntropyBoundSamplerConfig)")
-                if value.get("entropy_bound") is not None:
-                    kw["entropy_bound"] = value["entropy_bound"]
-            elif key in names and value is not None:
-                kw[key] = value
-        return cls(**kw).validated(where)
-
-    @classmethod
-    def from_model_folder(cls, folder) -> "GenerationConfig":
-        """Defaults overlaid with `folder/generation_config.json` when the file exists."""
-        if folder is None or not os.path.isdir(folder):
-            return cls()
-        d = ModelFolder(folder)
-        if not d.has("generation_config.json"):
-            return cls()
-        return cls.from_dict(d.read_json("generation_config.json"), where=str(d.shown / "generation_config.json"))
-
-    def replace(self, **overrides) -> "GenerationConfig":
-        """A validated copy with `overrides` applied (an unknown name is an error)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - names)
-        if unknown:
-            raise MinidiffError(f"unknown generation option {unknown[0]!r} (known: {', '.join(sorted(names))})")
-        return dataclasses.replace(self, **overrides).validated()
-
-    def validated(self, where: str = "generation option") -> "GenerationConfig":
-        """Check every field (HF `validate` rules); return self with floats/ints/lists normalised."""
-        def bad(name, must, v):
-            raise MinidiffError(f"{where} {name} must be {must} (got {v!r})")
-
-        def is_int(v):
-            return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-        def is_num(v):
-            return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-        if not is_int(self.max_new_tokens) or self.max_new_tokens <= 0:
-            bad("max_new_tokens", "a positive integer", self.max_new_tokens)
-        if self.max_length is not None and (not is_int(self.max_length) or self.max_length <= 0):
-            bad("max_length", "a positive integer", self.max_length)
-        if not is_int(self.max_denoising_steps) or not 0 < self.max_denoising_steps <= MAX_STEPS:
-            bad("max_denoising_steps", f"an integer in [1, {MAX_STEPS}]", self.max_denoising_steps)
-        if not is_num(self.entropy_bound) or not self.entropy_bound > 0 or not math.isfinite(self.entropy_bound):
-            bad("entropy_bound", "a number > 0", self.entropy_bound)
-        for name in ("t_min", "t_max"):
-            v = getattr(self, name)
-            if v is not None and (not is_num(v) or not v >= 0 or not math.isfinite(v)):
-                bad(name, "a number >= 0", v)
-        if self.t_min is not None and self.t_max is not None and not self.t_max > self.t_min:
-            raise MinidiffError(f"{where} t_max must be greater than t_min (got t_max={self.t_max}, t_min={self.t_min})")
-        if self.stability_threshold is not None and (not is_int(self.stability_threshold) or self.stability_threshold < 0):
-            bad("stability_threshold", "an integer >= 0", self.stability_threshold)
-        # a window longer than the steps can never be met within a canvas, exactly like one of N: clamped
-        stability = None if self.stability_threshold is None else min(int(self.stability_threshold),
-                                                                        int(self.max_denoising_steps))
-        if self.confidence_threshold is not None and (
-                not is_num(self.confidence_threshold) or not self.confidence_threshold > 0
-                or not math.isfinite(self.confidence_threshold)):
-            bad("confidence_threshold", "a number > 0", self.confidence_threshold)
-        eos = self.eos_token_id
-        if eos is not None:
-            eos = [eos] if is_int(eos) else eos
-            if not isinstance(eos, (list, tuple)) or len(eos) > 1024 or not all(is_int(e) and e >= 0 for e in eos):
-                bad("eos_token_id", "a token id or a list of token ids", self.eos_token_id)
-            eos = [int(e) for e in eos]
-        if self.pad_token_id is not None and (not is_int(self.pad_token_id) or self.pad_token_id < 0):
-            bad("pad_token_id", "a token id", self.pad_token_id)
-        if self.seed is not None and (not is_int(self.seed) or self.seed < 0):
-            bad("seed", "an integer >= 0", self.seed)
-        if not isinstance(self.greedy, (bool, np.bool_)):
-            bad("greedy", "true or false", self.greedy)
-        if not isinstance(self.self_conditioning_dtype, str) or \
-                self.self_conditioning_dtype not in ("auto", "bfloat16", "float32"):
-            bad("self_conditioning_dtype", "'auto', 'bfloat16' or 'float32'", self.self_conditioning_dtype)
-        return dataclasses.replace(
-            self, entropy_bound=float(self.entropy_bound),
-            t_min=None if self.t_min is None else float(self.t_min),
-            t_max=None if self.t_max is None else float(self.t_max),
-            confidence_threshold=None if self.confidence_threshold is None else float(self.confidence_threshold),
-            eos_token_id=eos, greedy=bool(self.greedy), stability_threshold=stability)
-
-    @property
-    def adaptive_stopping(self) -> bool:
-        return self.stability_threshold is not None and self.confidence_threshold is not None
-
-
-def resolve_config(model, config: GenerationConfig | None = None, **overrides) -> GenerationConfig:
-    """defaults < model folder's generation_config.json < `config` < `overrides` (validated)."""
-    if config is None:
-        config = GenerationConfig.from_model_folder(getattr(model, "folder", None))
-    return config.replace(**overrides)
-
+from .generation_config import GenerationConfig, resolve_config
 
 # ----------------------------------------------------------------------------------------------
 # The per-step math, vectorised over [..., C, V]. Every function is pure; `xp` is numpy or cupy.
@@ -381,30 +240,30 @@ def generate(model, prompt_ids, config: GenerationConfig | None = None, *, callb
         encode the prompt;  for each canvas: denoise_canvas, then commit_canvas;  until a stop id or K canvases
     """
     t_start = time.perf_counter()
-    plan = Plan.make(model, prompt_ids, resolve_config(model, config, **overrides), infill, rng)
-    B, C = len(plan.prompts), plan.C
+    setup = Setup.make(model, prompt_ids, resolve_config(model, config, **overrides), infill, rng)
+    B, C = len(setup.prompts), setup.C
     tokens = np.zeros((B, 0), dtype=np.int64)               # [B, k*C] generated so far
     finished = np.zeros(B, dtype=bool)                      # row met a stop id
     passes = np.zeros(B, dtype=np.int64)                    # denoiser passes that count (HF)
     steps_per_canvas, caches = [], [None] * B
-    for k in range(plan.K):
+    for k in range(setup.K):
         # the encoder: the prompt for the first canvas, afterwards the last committed canvas
         for b in range(B):
-            caches[b] = model.encode(plan.prompts[b]) if k == 0 else model.encode(tokens[b, -C:], caches[b])
-        argmax, steps = denoise_canvas(model, plan, caches, k, finished, passes, callback)
+            caches[b] = model.encode(setup.prompts[b]) if k == 0 else model.encode(tokens[b, -C:], caches[b])
+        argmax, steps = denoise_canvas(model, setup, caches, k, finished, passes, callback)
         steps_per_canvas.append(steps)
-        new, finished = commit_canvas(argmax, finished, plan.eos_ids, plan.pad)
+        new, finished = commit_canvas(argmax, finished, setup.eos_ids, setup.pad)
         tokens = np.concatenate([tokens, new], axis=1)
         if callback is not None:
-            callback(StepEvent("commit", k, tokens=new, finished=finished.copy(), fixed=plan.held(k)[1],
+            callback(StepEvent("commit", k, tokens=new, finished=finished.copy(), fixed=setup.held(k)[1],
                                sequences=[tokens[b].copy() for b in range(B)]))
         if finished.all():
             break
-    return plan.report(tokens, passes, finished, steps_per_canvas, time.perf_counter() - t_start)
+    return setup.report(tokens, passes, finished, steps_per_canvas, time.perf_counter() - t_start)
 
 
 @dataclass
-class Plan:
+class Setup:
     """Everything a generation fixes before its first random draw."""
     cfg: GenerationConfig
     V: int                      # vocabulary
@@ -422,7 +281,7 @@ class Plan:
     context_limited: bool
 
     @classmethod
-    def make(cls, model, prompt_ids, cfg: GenerationConfig, infill, rng) -> "Plan":
+    def make(cls, model, prompt_ids, cfg: GenerationConfig, infill, rng) -> "Setup":
         mc = model.config
         V, C = int(mc.vocab_size), int(mc.canvas_length)
         eos_ids = cfg.eos_token_id if cfg.eos_token_id is not None else list(getattr(mc, "eos_token_ids", []) or [])
@@ -477,7 +336,7 @@ class Plan:
             context_limited=self.context_limited)
 
 
-def denoise_canvas(model, plan: Plan, caches, k: int, finished, passes, callback=None):
+def denoise_canvas(model, setup: Setup, caches, k: int, finished, passes, callback=None):
     """Canvas k from uniform noise to its draft: -> (argmax [B, C] of the last step, executed steps).
     (docs/sampler.md: the step rules §S2–§S10.)
 
@@ -486,8 +345,8 @@ def denoise_canvas(model, plan: Plan, caches, k: int, finished, passes, callback
     on this step's logits; a row stops when its argmax is stable and its mean entropy is low.
     `passes` [B] is incremented in place for the rows that count (HF's decoder_forward_passes).
     """
-    cfg, rng, B, C, V, N = plan.cfg, plan.rng, len(plan.prompts), plan.C, plan.V, plan.N
-    hold, held = plan.held(k)
+    cfg, rng, B, C, V, N = setup.cfg, setup.rng, len(setup.prompts), setup.C, setup.V, setup.N
+    hold, held = setup.held(k)
     init = rng.integers(0, V, size=(B, C))                  # draw: a fresh canvas over ALL ids, specials included
     canvas = np.where(held, hold, init)                     # [B, C]
     argmax = canvas.copy()                                  # placeholder until step 0
@@ -525,7 +384,7 @@ def denoise_canvas(model, plan: Plan, caches, k: int, finished, passes, callback
                                init=init if steps == 1 else None, u=u, noise=noise, logits=z))
         canvas, argmax = next_canvas, new_argmax
         # the next step self-conditions on this step's tempered logits (greedy: their one-hot limit)
-        sc = _one_hot_logits(z, argmax, rows) if cfg.greedy else plan.sc_round(z)
+        sc = _one_hot_logits(z, argmax, rows) if cfg.greedy else setup.sc_round(z)
         if cfg.adaptive_stopping and done.all():
             break
     return argmax, steps
@@ -551,10 +410,10 @@ def _draw(z, u, greedy: bool):
     xp = _xp(z)
     amax = z.argmax(axis=-1)
     if greedy:                                              # T -> 0: one-hot distributions, H = 0
-        return _host(amax), _host(amax), np.zeros(amax.shape, dtype=np.float32)
+        return to_numpy(amax), to_numpy(amax), np.zeros(amax.shape, dtype=np.float32)
     p, H = softmax_entropy(z)                               # [b, C, V], [b, C]
     samp = sample_inverse_cdf(p.reshape(-1, z.shape[-1]), xp.asarray(u.reshape(-1))).reshape(H.shape)
-    return _host(samp), _host(amax), _host(H)
+    return to_numpy(samp), to_numpy(amax), to_numpy(H)
 
 
 def _stable(history, argmax, s: int):
@@ -586,10 +445,6 @@ def commit_canvas(argmax, finished, eos_ids, pad):
 # helpers
 
 
-def _host(a) -> np.ndarray:
-    return a.get() if hasattr(a, "get") else np.asarray(a)
-
-
 def _one_hot_logits(z, argmax: np.ndarray, rows):
     """Greedy mode's self-conditioning: logits whose softmax is exactly one-hot at the argmax."""
     xp = _xp(z)
@@ -604,27 +459,8 @@ def _sc_rounding(model, cfg: GenerationConfig):
     """HF passes the SC logits in the embedding dtype: bf16 for a bf16 checkpoint, else unchanged."""
     kind = cfg.self_conditioning_dtype
     if kind == "auto":
-        kind = "bfloat16" if _checkpoint_dtype(model) == "bfloat16" else "float32"
+        kind = "bfloat16" if getattr(model.config, "checkpoint_dtype", None) == "bfloat16" else "float32"
     return round_bf16 if kind == "bfloat16" else (lambda z: z)
-
-
-def _checkpoint_dtype(model) -> str | None:
-    """The dtype the checkpoint was saved in (config.json "dtype"/"torch_dtype"), if known."""
-    d = getattr(model, "checkpoint_dtype", None) or getattr(getattr(model, "config", None), "dtype", None)
-    if isinstance(d, str):
-        return d
-    folder = getattr(model, "folder", None)
-    d = ModelFolder(folder) if folder is not None else None
-    if d is None or not d.has("config.json"):
-        return None
-    root = d.read_json("config.json")
-    tc = root.get("text_config") if isinstance(root, dict) else None
-    tc = tc if isinstance(tc, dict) else {}
-    root = root if isinstance(root, dict) else {}
-    for d in (root.get("dtype"), root.get("torch_dtype"), tc.get("dtype"), tc.get("torch_dtype")):
-        if isinstance(d, str):
-            return d
-    return None
 
 
 def _as_prompt_list(prompt_ids, V: int):

@@ -11,11 +11,11 @@ only the part it needs into a reused scratch buffer:
 
 Every such weight is a `Stored` tensor: it has a `shape`, `expand_into(index, out)` (float32 values of
 `self[index]` along the first axis, written into `out`), and `dequantize()` (the whole tensor, the plain
-reference). `HalfTensor` below holds raw bf16/f16 words; `minidiff.quant` adds the int4 and NVFP4 types.
+reference). `HalfTensor` below holds raw bf16/f16 words; `minidiff.formats` adds the int4 and NVFP4 types.
 Plain float32 arrays (and CuPy arrays) are used as they are; `expand` accepts either.
 
-This module sits under the loader (`weights.py`) and the formats (`quant.py`), which both build on it;
-the model (`model.py`) calls `expand`, `take_rows` and `dense`. It imports only `backend`.
+This module sits under the loader (`weights.py`) and the formats (`formats.py`), which both build on it;
+the ops (`ops.py`) call `expand` and `is_stored`, the model `take_rows`. It imports only `backend`.
 """
 
 from __future__ import annotations
@@ -33,6 +33,12 @@ def bf16_to_f32(bits):
     """Raw bfloat16 bits (uint16) -> float32: the bf16 value is the top half of the f32 word."""
     xp = array_module(bits)
     return (xp.asarray(bits).astype(xp.uint32) << 16).view(xp.float32)
+
+
+def to_float32(raw, dtype: str):
+    """Raw words of a float safetensors dtype ("BF16", "F16", "F32", "F64") as float32 values: bf16
+    widened (exact), the others cast by NumPy (a float32 array comes back as it is, not copied)."""
+    return bf16_to_f32(raw) if dtype == "BF16" else np.asarray(raw, dtype=np.float32)
 
 
 def f32_to_bf16_bits(x):
@@ -179,7 +185,3 @@ def take_rows(w, ids) -> np.ndarray:
     return w.expand_into(ids.reshape(-1), wxp.empty((ids.size,) + tuple(w.shape[1:]), dtype=wxp.float32)
                          ).reshape(ids.shape + tuple(w.shape[1:]))
 
-
-def dense(w):
-    """A weight as a plain float32 array: stored tensors are widened whole (a new array)."""
-    return w.dequantize() if is_stored(w) else w

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig
+from .config import DEC, ENC, ModelConfig
 from .errors import MinidiffError
 from .folder import ModelFolder, _show, parse_json, plain_name
-from .tensors import HalfTensor, bf16_to_f32, f32_to_bf16_bits  # noqa: F401  (re-exported)
+from .tensors import HalfTensor, to_float32
 
 # safetensors dtype -> (numpy dtype of the raw bits, bytes per element)
 DTYPES = {
@@ -209,8 +209,7 @@ class Checkpoint:
         dtype = self.dtype(name)
         if dtype not in FLOAT_DTYPES:
             raise MinidiffError(f"{self.file_of(name)}: tensor {name} has dtype {dtype}, expected a float type")
-        raw = self.raw(name)
-        return bf16_to_f32(raw) if dtype == "BF16" else raw.astype(np.float32)
+        return to_float32(self.raw(name), dtype)
 
 
 def open_checkpoint(folder) -> Checkpoint:
@@ -219,10 +218,6 @@ def open_checkpoint(folder) -> Checkpoint:
 
 # ----------------------------------------------------------------------------------------------
 # the text-weight catalogue: every tensor the forward pass reads, with its expected shape
-
-DEC = "model.decoder"
-ENC = "model.encoder.language_model"
-
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, tuple]:
     """Names and shapes of the text weights, as stored in the release (docs/architecture.md §9)."""
@@ -282,7 +277,7 @@ def load_text_weights(ckpt: Checkpoint, cfg: ModelConfig) -> dict:
     """Check every expected tensor (presence, shape, dtype) and return name -> array.
 
     Small float tensors come back as float32 arrays; the embedding and the experts as `Stored` tensors
-    (raw bf16/f16 words, or packed int4/NVFP4 objects from `minidiff.quant`) that widen on use.
+    (raw bf16/f16 words, or packed int4/NVFP4 objects from `minidiff.formats`) that widen on use.
     """
     out = {}
     for name, shape in expected_tensors(cfg).items():
@@ -292,8 +287,8 @@ def load_text_weights(ckpt: Checkpoint, cfg: ModelConfig) -> dict:
                                     f"expected {list(shape)} from config.json")
             out[name] = _plain(ckpt, name, shape)
             continue
-        from . import quant  # only needed for low-bit checkpoints
-        q = quant.load_quantized(ckpt, name, shape, cfg.quantization_config)
+        from .schemes import load_quantized  # only needed for low-bit checkpoints
+        q = load_quantized(ckpt, name, shape, cfg.quantization_config)
         if q is None and ckpt.has(name):   # e.g. an integer tensor under a float weight's name
             raise MinidiffError(f"{ckpt.file_of(name)}: tensor {name} has dtype {ckpt.dtype(name)}, expected a float type")
         if q is None:

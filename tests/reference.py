@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from minidiff.model import rms_norm
+from minidiff.ops import rms_norm
 
 
 @torch.no_grad()

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minidiff import quant as Q
+from minidiff import formats as Q
 from minidiff import sampler
 from minidiff.backend import scratch
-from minidiff.model import attention, experts, soft_embedding, softmax, tied_head
+from minidiff.ops import attention, experts, soft_embedding, softmax, tied_head
 from minidiff.tensors import HalfTensor, bf16_to_f32, expand, f32_to_bf16_bits, take_rows
 
 

@@ -10,7 +10,10 @@ import pytest
 
 import minidiff
 from minidiff import gpu
-from minidiff.model import Model, experts, gelu_tanh
+from minidiff.kernels.moe_experts import check_shapes, combine, expert_rows
+from minidiff.kernels.moe_experts_reference import moe_reference
+from minidiff.model import Model
+from minidiff.ops import experts, gelu_tanh
 from minidiff.tensors import bf16_to_f32, f32_to_bf16_bits
 from minidiff.weights import load_text_weights, open_checkpoint
 
@@ -63,7 +66,7 @@ def kernels_in_numpy(gate_up, down, x, plan, T, k):
             gu = gate_up[e] @ xb[plan.row_token[r]]
             act = bf16_to_f32(f32_to_bf16_bits(gelu_tanh(np, gu[:Ie].copy()) * gu[Ie:]))
             rows[r] = plan.route_weight[r] * (down[e] @ act)
-    return gpu.combine(np, rows, plan, T, k)
+    return combine(np, rows, plan, T, k)
 
 
 @pytest.mark.parametrize("T, E, k", [(1, 4, 1), (37, 8, 3), (64, 16, 8), (5, 32, 2)])
@@ -75,18 +78,18 @@ def test_route_plan_and_combine_around_the_kernel_contract(T, E, k):
     w = rng.random((T, k)).astype(np.float32)
     gu = bf16_to_f32(f32_to_bf16_bits(rng.standard_normal((E, 2 * Ie, H)).astype(np.float32) * 0.3))
     dn = bf16_to_f32(f32_to_bf16_bits(rng.standard_normal((E, H, Ie)).astype(np.float32) * 0.3))
-    plan = gpu.route_plan(np, idx, w, E)
+    plan = expert_rows(np, idx, w, E)
     assert plan.offsets[-1] == T * k and (np.diff(plan.offsets) >= 0).all()
     owner = np.repeat(np.arange(E), np.diff(plan.offsets))              # the expert owning each sorted row
     assert (idx.reshape(-1)[plan.order] == owner).all() and (plan.row_token == plan.order // k).all()
     got = kernels_in_numpy(gu, dn, x, plan, T, k)
-    ref = gpu.moe_reference(x, idx, w, gu, dn)
+    ref = moe_reference(x, idx, w, gu, dn)
     np.testing.assert_allclose(got, ref, rtol=0, atol=1e-5 * max(1, np.abs(ref).max()))
     full = experts(np, x, idx, w, gu, dn)                  # float32 activations: only bf16 rounding apart
     assert np.abs(full - ref).max() <= 2e-2 * max(1, np.abs(full).max())
 
 
 def test_kernel_shape_requirements():
-    gpu.check_shapes((8, 64, 64), 32)
+    check_shapes((8, 64, 64), 32)
     with pytest.raises(minidiff.MinidiffError, match="divisible by 16"):
-        gpu.check_shapes((8, 30, 64), None)
+        check_shapes((8, 30, 64), None)

@@ -1,7 +1,7 @@
 """The CUDA kernels against their NumPy reference, and the GPU model against the CPU model.
 Run where a GPU and CuPy are present; skipped, with the reason, elsewhere.
 
-Kernels (kernels_cuda/moe_experts.cu vs gpu.moe_reference): bf16 and int4 weights; ragged expert counts,
+Kernels (minidiff/kernels/moe_experts.cu vs moe_reference): bf16 and int4 weights; ragged expert counts,
 empty experts, row counts that are not multiples of the 8-row tiles or the 64-row passes, feature counts
 that are not multiples of the 64-feature blocks; output buffers poisoned with NaN beforehand; the same bits
 on a second run. Stated bound: max |Δ| <= 2e-3 · max(1, max |reference|) (float32 sums in another order,
@@ -10,7 +10,6 @@ Model: fp32 logits within 1e-4 relative of NumPy and the same trajectories; "bf1
 a stated bound and the same memorised answer on the default model.
 """
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,8 @@ import minidiff  # noqa: E402
 from minidiff import gpu  # noqa: E402
 from minidiff.tensors import bf16_to_f32, f32_to_bf16_bits  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import emulate_moe_kernel  # noqa: E402
+from minidiff.kernels import moe_experts, moe_experts_emulator  # noqa: E402
+from minidiff.kernels.moe_experts_reference import moe_reference  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny"
 BOUND = 2e-3
@@ -33,10 +32,10 @@ BOUND = 2e-3
 
 def random_experts(rng, fmt, E, N, K, G):
     """-> (DeviceExperts, float32 weight values [E, N, K]) with random bf16 or int4 weights (the draw of
-    tools/emulate_moe_kernel.py, which replays these same cases on the CPU)."""
-    data, scales, values = emulate_moe_kernel.random_experts(rng, fmt, E, N, K, G)
+    minidiff/kernels/moe_experts_emulator.py, which replays these same cases on the CPU)."""
+    data, scales, values = moe_experts_emulator.random_experts(rng, fmt, E, N, K, G)
     group = G if fmt == "int4" else None
-    return gpu.DeviceExperts(fmt, data, (E, N, K), scales, group, kernels=True, xp=cupy), values
+    return gpu.DeviceExperts(fmt, data, (E, N, K), scales, group, bf16_moe=True, xp=cupy), values
 
 
 CASES = [  # T, E, k, H, Ie, G, experts left empty
@@ -57,14 +56,14 @@ def test_moe_kernels_equal_the_reference(fmt, T, E, k, H, Ie, G, empty):
     idx = np.stack([rng.choice(live, k, replace=False) for _ in range(T)])
     w = rng.random((T, k)).astype(np.float32)
     x = rng.standard_normal((T, H)).astype(np.float32)
-    ref = gpu.moe_reference(x, idx, w, gu_vals, dn_vals)
+    ref = moe_reference(x, idx, w, gu_vals, dn_vals)
 
-    got = gate_up.run(cupy.asarray(x), cupy.asarray(idx), cupy.asarray(w), down)
+    got = gate_up.moe(cupy.asarray(x), cupy.asarray(idx), cupy.asarray(w), down)
     got = cupy.asnumpy(got)
     assert np.isfinite(got).all()
     err, tol = float(np.abs(got - ref).max()), BOUND * max(1.0, float(np.abs(ref).max()))
     assert err <= tol, f"max |Δ| {err:.3g} > {tol:.3g}"
-    again = cupy.asnumpy(gate_up.run(cupy.asarray(x), cupy.asarray(idx), cupy.asarray(w), down))
+    again = cupy.asnumpy(gate_up.moe(cupy.asarray(x), cupy.asarray(idx), cupy.asarray(w), down))
     assert np.array_equal(got.view(np.uint32), again.view(np.uint32)), "not deterministic"
 
 
@@ -74,14 +73,14 @@ def test_every_row_is_written_over_poisoned_buffers():
     gate_up, _ = random_experts(rng, "bf16", E, 2 * Ie, H, 16)
     down, _ = random_experts(rng, "bf16", E, H, Ie, 16)
     idx = cupy.asarray(np.stack([rng.choice(E, k, replace=False) for _ in range(T)]))
-    plan = gpu.route_plan(cupy, idx, cupy.asarray(rng.random((T, k)).astype(np.float32)), E)
+    rows_of = moe_experts.expert_rows(cupy, idx, cupy.asarray(rng.random((T, k)).astype(np.float32)), E)
     xb = f32_to_bf16_bits(cupy.asarray(rng.standard_normal((T, H)).astype(np.float32)))
-    act = cupy.full((plan.A, Ie), 0x7FC0, dtype=cupy.uint16)             # bf16 NaN everywhere
-    rows = cupy.full((plan.A, H), np.nan, dtype=cupy.float32)
-    mod = gpu.module("moe_experts")
-    mod.get_function("moe_gate_up_bf16")((1, E), (128,), (gate_up.data, xb, plan.row_token, plan.offsets,
+    act = cupy.full((rows_of.A, Ie), 0x7FC0, dtype=cupy.uint16)             # bf16 NaN everywhere
+    rows = cupy.full((rows_of.A, H), np.nan, dtype=cupy.float32)
+    mod = moe_experts.module()
+    mod.get_function("moe_gate_up_bf16")((1, E), (128,), (gate_up.data, xb, rows_of.row_token, rows_of.offsets,
                                                            np.int32(H), np.int32(Ie), act))
-    mod.get_function("moe_down_bf16")((2, E), (128,), (down.data, act, plan.route_weight, plan.offsets,
+    mod.get_function("moe_down_bf16")((2, E), (128,), (down.data, act, rows_of.route_weight, rows_of.offsets,
                                                         np.int32(H), np.int32(Ie), rows))
     assert not bool(cupy.isnan(bf16_to_f32(act)).any()) and not bool(cupy.isnan(rows).any())
 
@@ -124,7 +123,7 @@ def test_bf16_gemms_of_device_weights(T, N, K):
     float64 on the bf16-rounded inputs; ‖Δ‖/‖ref‖ well under bf16's own 4e-3."""
     rng = np.random.default_rng(T + N)
     bits = f32_to_bf16_bits(rng.standard_normal((N, K)).astype(np.float32))
-    w = gpu.DeviceHalf(bits, "w", xp=cupy, fast=True)
+    w = gpu.DeviceHalf(bits, "w", xp=cupy, bf16_gemm=True)
     W = bf16_to_f32(bits).astype(np.float64)
     x = rng.standard_normal((T, K)).astype(np.float32)
     p = rng.standard_normal((T, N)).astype(np.float32)

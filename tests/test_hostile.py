@@ -17,14 +17,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import minidiff
-from minidiff import quant as Q
+from minidiff import formats as Q
+from minidiff import schemes as S
 from minidiff.chat import ChatTemplate
 from minidiff.cli_generate import for_terminal
 from minidiff.config import parse_config
 from minidiff.errors import MinidiffError
 from minidiff.output import destination_lock
 from minidiff.quantize import convert
-from minidiff.sampler import GenerationConfig
+from minidiff.generation_config import GenerationConfig
 from minidiff.weights import SafetensorsFile, open_checkpoint
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny"
@@ -191,7 +192,7 @@ def test_chat_templates_are_bounded_in_time_memory_and_output(source, needle):
 
 def test_a_regex_that_backtracks_is_refused(tmp_path):
     with pytest.raises(MinidiffError, match="exponential"):
-        Q._ct_scheme({"config_groups": {"g": {"targets": ["Linear"]}}, "ignore": ["re:(a+)+$"]},
+        S._ct_scheme({"config_groups": {"g": {"targets": ["Linear"]}}, "ignore": ["re:(a+)+$"]},
                      "a" * 22 + "!", "x", "config.json")   # (unchecked, this match alone takes ~1 s)
 
 
@@ -394,7 +395,7 @@ def test_modelopt_config_carries_ignore_and_config_groups(tmp_path):
     assert qc["config_groups"]["group_0"]["weights"]["group_size"] == 16
     assert minidiff.load(dst).config.vocab_size > 0
     for key in ("ignore", "exclude_modules"):                         # either spelling excludes
-        assert Q._modelopt_scheme({key: ["*router*"], "quant_algo": "NVFP4"}, "model.layers.0.router.proj",
+        assert S._modelopt_scheme({key: ["*router*"], "quant_algo": "NVFP4"}, "model.layers.0.router.proj",
                                   "t", "s") is None
 
 

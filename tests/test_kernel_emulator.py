@@ -1,17 +1,14 @@
-"""The MoE kernels' bookkeeping, checked without a GPU: tools/emulate_moe_kernel.py replays
+"""The MoE kernels' bookkeeping, checked without a GPU: minidiff/kernels/moe_experts_emulator.py replays
 kernels_cuda/moe_experts.cu lane by lane (which weight word, token row and scale each lane loads, which
-output it writes), with the tensor-core MMA as PTX defines it, and must equal `gpu.moe_reference` within
+output it writes), with the tensor-core MMA as PTX defines it, and must equal `moe_reference` within
 the GPU test's bound. It is a hand transcription of the kernel: it guards the index arithmetic as written
 there, and tests/test_gpu_kernels.py (on a GPU) guards the kernel itself."""
 
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import emulate_moe_kernel as emu  # noqa: E402
+from minidiff.kernels import moe_experts_emulator as emu  # noqa: E402
 
 BOUND = 2e-3                                   # tests/test_gpu_kernels.py's stated bound
 

@@ -1,4 +1,4 @@
-"""Every kernels_cuda/*.cu compiles for the H100/H200 (sm_90) with NVRTC, the compiler CuPy uses, and with
+"""Every minidiff/kernels/*.cu compiles for the H100/H200 (sm_90) with NVRTC, the compiler CuPy uses, and with
 nvcc where installed; a broken kernel must fail (so the check can fail). Skipped, with the reason, where
 neither compiler exists. The kernels' results are checked on a GPU by tests/test_gpu_kernels.py."""
 
@@ -12,12 +12,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import compile_kernels as ck  # noqa: E402
 
-FILES = sorted((ROOT / "kernels_cuda").glob("*.cu"))
+FILES = ck.kernel_files()
 BROKEN = 'extern "C" __global__ void k(float* x) { x[0] = undefined_name; }'
 
 
 def test_there_are_kernels():
-    assert FILES, "kernels_cuda/ holds no .cu file"
+    assert FILES, "minidiff/kernels/ holds no .cu file"
 
 
 @pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])

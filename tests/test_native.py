@@ -1,7 +1,7 @@
-"""The CPU kernel for 4-bit experts (minidiff/cpu_kernels/lowbit_matmul.c) against its plain statement.
+"""The CPU kernel for 4-bit experts (minidiff/kernels/lowbit_matmul.c) against its plain statement.
 
-Plain statement: widen the weights with quant.dequant_int4 / dequant_nvfp4, then X @ W.T (model.experts'
-NumPy path). The kernel must decode every code and scale to the very same float32 weight (checked bit for
+Plain statement (minidiff/kernels/lowbit_matmul_reference.py): widen the weights with formats.dequant_int4 /
+dequant_nvfp4, then X @ W.T (ops.experts' NumPy path). The kernel must decode every code and scale to the very same float32 weight (checked bit for
 bit by multiplying with one-hot inputs, where each sum has a single term), give the same products up to
 the order of float32 additions, give the same bits for any number of threads, refuse what the NumPy path
 refuses, and step aside cleanly where it cannot run.
@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minidiff import model, native
-from minidiff import quant as Q
+from minidiff import ops
+from minidiff.kernels import lowbit_matmul as native, lowbit_matmul_reference as reference
+from minidiff import formats as Q
 from minidiff.errors import MinidiffError
-from minidiff.tensors import f32_to_bf16_bits
+from minidiff.tensors import bf16_to_f32, f32_to_bf16_bits
 
 needs_kernel = pytest.mark.skipif(native.library() is None, reason=f"no CPU kernel: {native.status()}")
 
@@ -57,13 +58,14 @@ def make_experts(rng, fmt, E, H, Ie):
         return one_linear(rng, fmt, shape)
     gu = Q.QuantExperts("gu", [[one((Ie, H)), one((Ie, H))] for _ in range(E)], (E, 2 * Ie, H))
     dn = Q.QuantExperts("dn", [[one((H, Ie))] for _ in range(E)], (E, H, Ie))
+    native.bind(gu), native.bind(dn)                                    # as the loader does on the CPU
     return gu, dn
 
 
 def numpy_values(w) -> np.ndarray:
-    """The float32 weight of a 4-bit Linear by quant.py's NumPy functions alone (the plain statement)."""
+    """The float32 weight of a 4-bit Linear by formats.py's NumPy functions alone (the plain statement)."""
     if isinstance(w, Q.Int4Weight):
-        scale = Q.bf16_bits_to_f32(w.scale_raw) if w.scale_dtype == "BF16" else w.scale_raw
+        scale = bf16_to_f32(w.scale_raw) if w.scale_dtype == "BF16" else w.scale_raw
         return Q.dequant_int4(w.packed, scale, w.shape[1])
     return Q.dequant_nvfp4(w.packed, w.scale_bits, w.global_scale, w.scale_2)
 
@@ -85,7 +87,7 @@ def test_kernel_decodes_every_weight_bit_for_bit(fmt):
     R = 7                                                               # not a multiple of the 4-row tile
     gu = Q.QuantExperts("gu", [[one_linear(rng, fmt, (R, K)), one_linear(rng, fmt, (R, K))] for _ in range(2)],
                         (2, 2 * R, K))
-    p = native.plan(gu)
+    p = native.kernel_view(gu)
     assert p is not None
     X = p.columns(np.eye(K, dtype=np.float32))                        # K tokens, one per input
     Y = np.full((K, p.rows), np.nan, np.float32)
@@ -112,7 +114,9 @@ def test_kernel_experts_equal_widen_then_matmul(fmt, E, H, Ie, T, seed):
     wts = rng.random((T, k)).astype(np.float32)
     got = native.experts(x, idx, wts, gu, dn)
     assert got is not None
-    want = model.experts(np, x, idx, wts, numpy_experts(gu), numpy_experts(dn))
+    want = reference.lowbit_matmul(x, idx, wts, gu, dn)
+    np.testing.assert_array_equal(numpy_experts(gu), np.stack([np.concatenate([reference.lowbit_widen(p) for p in ps])
+                                                                for ps in gu.parts]))
     scale = float(np.abs(want).max()) + 1e-30
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
 
@@ -138,11 +142,11 @@ def test_model_uses_the_kernel_and_the_numpy_path_agrees(numpy_path):
     x = rng.standard_normal((6, 64)).astype(np.float32)
     idx = np.stack([rng.choice(4, 2, replace=False) for _ in range(6)])
     wts = rng.random((6, 2)).astype(np.float32)
-    fast = model.experts(np, x, idx, wts, gu, dn)
+    fast = ops.experts(np, x, idx, wts, gu, dn)
     np.testing.assert_array_equal(fast, native.experts(x, idx, wts, gu, dn))
     numpy_path()
     assert native.experts(x, idx, wts, gu, dn) is None and native.status().startswith("off (MINIDIFF_NATIVE=0)")
-    np.testing.assert_allclose(model.experts(np, x, idx, wts, gu, dn), fast, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ops.experts(np, x, idx, wts, gu, dn), fast, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
@@ -153,24 +157,24 @@ def test_non_finite_scales_are_refused_as_on_the_numpy_path():
     x = rng.standard_normal((4, 64)).astype(np.float32)
     idx = np.array([[0], [1], [2], [0]])
     with pytest.raises(MinidiffError, match="non-finite scales"):
-        model.experts(np, x, idx, np.ones((4, 1), np.float32), gu, dn)
+        ops.experts(np, x, idx, np.ones((4, 1), np.float32), gu, dn)
     gu, dn = make_experts(rng, ("nvfp4", "ct"), 2, 64, 32)
     gu.parts[1][1].global_scale = np.float32(0.0)                      # s / 0
     with pytest.raises(MinidiffError, match="non-finite scales"):
-        model.experts(np, x, idx % 2, np.ones((4, 1), np.float32), gu, dn)
+        ops.experts(np, x, idx % 2, np.ones((4, 1), np.float32), gu, dn)
 
 
 @needs_kernel
 def test_long_runs_and_other_forms_take_the_numpy_path():
     rng = np.random.default_rng(4)
     gu, dn = make_experts(rng, ("int4", 32, "BF16"), 2, 64, 32)
-    x = rng.standard_normal((4 * native.MAX_TOKENS_PER_EXPERT + 1, 64)).astype(np.float32)
+    x = rng.standard_normal((native.MAX_TOKENS + 1, 64)).astype(np.float32)
     idx = np.zeros((x.shape[0], 1), np.int64)
     assert native.experts(x, idx, np.ones((x.shape[0], 1), np.float32), gu, dn) is None   # a long prefill
     w = rng.standard_normal((32, 64)).astype(np.float32)
     f16 = Q.QuantExperts("gu", [[int4(w, 32, "F16"), int4(w, 32, "F16")]], (1, 64, 64))
     g8 = Q.QuantExperts("gu", [[int4(w, 8, "BF16"), int4(w, 8, "BF16")]], (1, 64, 64))
-    assert native.plan(f16) is None and native.plan(g8) is None       # f16 scales, groups of 8: NumPy's
+    assert native.kernel_view(f16) is None and native.kernel_view(g8) is None       # f16 scales, groups of 8: NumPy's
     short = int4(w, 32, "BF16")
     short.scale_raw = short.scale_raw[:, :1]                           # arrays smaller than the shape says
     assert native.widener(short) is None                               # the kernel never reads past them
@@ -192,6 +196,6 @@ def test_no_compiler_or_a_failing_one_leaves_the_numpy_path(monkeypatch, tmp_pat
     gu, dn = make_experts(rng, ("int4", 32, "BF16"), 2, 64, 32)
     x = rng.standard_normal((3, 64)).astype(np.float32)
     idx = np.array([[0], [1], [1]])
-    want = model.experts(np, x, idx, np.ones((3, 1), np.float32), gu.dequantize(), dn.dequantize())
-    np.testing.assert_allclose(model.experts(np, x, idx, np.ones((3, 1), np.float32), gu, dn), want,
+    want = ops.experts(np, x, idx, np.ones((3, 1), np.float32), gu.dequantize(), dn.dequantize())
+    np.testing.assert_allclose(ops.experts(np, x, idx, np.ones((3, 1), np.float32), gu, dn), want,
                                rtol=1e-5, atol=1e-5)

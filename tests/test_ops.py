@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 
 import minidiff.reference_ops as plain
-from minidiff.model import attention, causal_attention, experts, gelu_tanh
+from minidiff.ops import attention, causal_attention, experts, gelu_tanh
 from minidiff.tensors import HalfTensor, bf16_to_f32, f32_to_bf16_bits
 
 

@@ -1,4 +1,4 @@
-"""minidiff.quant without any framework: bit layouts, rounding rules, the loader hook and its errors.
+"""minidiff.formats and minidiff.schemes without any framework: bit layouts, rounding rules, the loader hook and its errors.
 
 The comparisons with the compressed-tensors package are in test_quant_ct.py; quantizing whole
 checkpoints is in test_quantize.py.
@@ -11,7 +11,9 @@ import zlib
 import numpy as np
 import pytest
 
-from minidiff import quant as Q
+from minidiff import formats as Q
+from minidiff import schemes as S
+from minidiff.tensors import bf16_to_f32, f32_to_bf16_bits
 from minidiff.errors import MinidiffError
 from minidiff.quantize import ShardWriter
 from minidiff.weights import open_checkpoint
@@ -75,7 +77,7 @@ def test_int4_error_within_half_a_step(g, scale_dtype):
     assert s.shape == (64, 512 // g)
     # scales are exactly representable in their dtype and never below max|W|/7.5
     if scale_dtype == "BF16":
-        assert np.array_equal(Q.bf16_bits_to_f32(Q.f32_to_bf16_bits(s)), s)
+        assert np.array_equal(bf16_to_f32(f32_to_bf16_bits(s)), s)
     elif scale_dtype == "F16":
         assert np.array_equal(s.astype(np.float16).astype(np.float32), s)
     amax = np.abs(w.reshape(64, -1, g)).max(-1).astype(np.float64)
@@ -113,7 +115,7 @@ def test_round_up_to_dtype():
     y = Q.round_up_to(x, "BF16")
     assert np.all(y >= x)
     assert y[0] == 1.0 and y[1] == 1.0 + 2 ** -7              # next bf16 above 1 + 2^-10
-    assert np.array_equal(Q.bf16_bits_to_f32(Q.f32_to_bf16_bits(y.astype(np.float32))), y.astype(np.float32))
+    assert np.array_equal(bf16_to_f32(f32_to_bf16_bits(y.astype(np.float32))), y.astype(np.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +208,7 @@ def ct_int4_config(g=32, targets=("Linear",), ignore=("lm_head",), fmt="pack-qua
 def int4_tensors(module, w, g, scale_dtype="BF16"):
     s = Q.int4_scales(w, g, scale_dtype)
     packed = Q.pack_int4(Q.quantize_int4(w, s))
-    sraw = Q.f32_to_bf16_bits(s) if scale_dtype == "BF16" else s
+    sraw = f32_to_bf16_bits(s) if scale_dtype == "BF16" else s
     return {module + ".weight_packed": (packed, None), module + ".weight_scale": (sraw, scale_dtype),
             module + ".weight_shape": (np.array(w.shape, np.int64), None)}, Q.dequant_int4(packed, s, w.shape[1])
 
@@ -218,10 +220,10 @@ def test_hook_int4_2d(tmp_path):
     w = rng().standard_normal((16, 64)).astype(np.float32)
     t, expect = int4_tensors(M, w, 32)
     ck = _write(tmp_path, t, ct_int4_config(32))
-    q = Q.load_quantized(ck, M + ".weight", (16, 64), ct_int4_config(32))
+    q = S.load_quantized(ck, M + ".weight", (16, 64), ct_int4_config(32))
     assert q.shape == (16, 64) and q.nbytes == 16 * 8 * 4 + 16 * 2 * 2
     assert np.array_equal(q.dequantize(), expect)
-    assert Q.load_quantized(ck, "model.decoder.layers.0.self_attn.k_proj.weight", (16, 64), ct_int4_config(32)) is None
+    assert S.load_quantized(ck, "model.decoder.layers.0.self_attn.k_proj.weight", (16, 64), ct_int4_config(32)) is None
 
 
 def test_hook_experts_int4_and_getitem(tmp_path):
@@ -241,8 +243,8 @@ def test_hook_experts_int4_and_getitem(tmp_path):
         exp_dn.append(d)
     cfg = ct_int4_config(32, targets=[r"re:.*\.experts\.\d+\.(gate|up|down)_proj$"])
     ck = _write(tmp_path, tensors, cfg)
-    gu = Q.load_quantized(ck, base + ".gate_up_proj", (E, 2 * I, H), cfg)
-    dn = Q.load_quantized(ck, base + ".down_proj", (E, H, 32), cfg)
+    gu = S.load_quantized(ck, base + ".gate_up_proj", (E, 2 * I, H), cfg)
+    dn = S.load_quantized(ck, base + ".down_proj", (E, H, 32), cfg)
     assert gu.shape == (E, 2 * I, H) and dn.shape == (E, H, 32)
     for e in range(E):
         assert np.array_equal(gu[e], exp_gu[e]) and np.array_equal(dn[e], exp_dn[e])
@@ -250,7 +252,7 @@ def test_hook_experts_int4_and_getitem(tmp_path):
     assert np.abs(gu.dequantize() - gate_up).max() > 0        # it is quantized, not the original
     with pytest.raises(IndexError):
         gu[E]
-    assert Q.load_quantized(ck, "model.decoder.layers.3.experts.down_proj", (E, H, 32), cfg) is None
+    assert S.load_quantized(ck, "model.decoder.layers.3.experts.down_proj", (E, H, 32), cfg) is None
 
 
 def test_hook_nvfp4_both_conventions(tmp_path):
@@ -262,7 +264,7 @@ def test_hook_nvfp4_both_conventions(tmp_path):
                                                                      "group_size": 16, "strategy": "tensor_group"}}}}
     ck = _write(tmp_path / "ct", {M + ".weight_packed": (p, None), M + ".weight_scale": (s, "F8_E4M3"),
                                   M + ".weight_global_scale": (np.array([gs], np.float32), None)}, ct)
-    q = Q.load_quantized(ck, M + ".weight", (16, 64), ct)
+    q = S.load_quantized(ck, M + ".weight", (16, 64), ct)
     assert np.array_equal(q.dequantize(), Q.dequant_nvfp4(p, s, global_scale=gs))
     s2 = np.float32(np.abs(w).max() / 2688)
     p2, sb2 = Q.quantize_nvfp4(w, scale_2=s2)
@@ -270,13 +272,13 @@ def test_hook_nvfp4_both_conventions(tmp_path):
     ck = _write(tmp_path / "mo", {M + ".weight": (p2, None), M + ".weight_scale": (sb2, "F8_E4M3"),
                                   M + ".weight_scale_2": (np.array(s2, np.float32), None),
                                   M + ".input_scale": (np.array(1.0, np.float32), None)}, mo)
-    q = Q.load_quantized(ck, M + ".weight", (16, 64), mo)
+    q = S.load_quantized(ck, M + ".weight", (16, 64), mo)
     assert np.array_equal(q.dequantize(), Q.dequant_nvfp4(p2, sb2, scale_2=s2))
     assert np.abs(q.dequantize() - w).max() < 0.25 * np.abs(w).max()
     # ModelOpt described only by hf_quant_config.json
     (tmp_path / "mo" / "hf_quant_config.json").write_text(json.dumps({"producer": {"name": "modelopt"},
                                                                        "quantization": mo}))
-    q = Q.load_quantized(ck, M + ".weight", (16, 64), None)
+    q = S.load_quantized(ck, M + ".weight", (16, 64), None)
     assert np.array_equal(q.dequantize(), Q.dequant_nvfp4(p2, sb2, scale_2=s2))
 
 
@@ -341,7 +343,7 @@ def test_int4_bad_input(tmp_path, case, match):
             t[M + ".weight_scale"] = (s, "BF16")
     ck, cfg = _int4_ckpt(tmp_path, cfg=cfg, mutate=mutate)
     with pytest.raises(MinidiffError, match=match) as ei:
-        q = Q.load_quantized(ck, M + ".weight", shape, cfg or None)
+        q = S.load_quantized(ck, M + ".weight", shape, cfg or None)
         q.dequantize()
     assert "\n" not in str(ei.value)
     assert "model.safetensors" in str(ei.value) or str(tmp_path) in str(ei.value)
@@ -388,7 +390,7 @@ def test_modelopt_bad_input(tmp_path, case, match):
         cfg = None
     ck = _write(tmp_path, t, cfg)
     with pytest.raises(MinidiffError, match=match):
-        Q.load_quantized(ck, M + ".weight", (16, 64), cfg).dequantize()
+        S.load_quantized(ck, M + ".weight", (16, 64), cfg).dequantize()
 
 
 def test_experts_missing_one_expert_is_an_error(tmp_path):
@@ -400,7 +402,7 @@ def test_experts_missing_one_expert_is_an_error(tmp_path):
     cfg = ct_int4_config(32)
     ck = _write(tmp_path, tensors, cfg)
     with pytest.raises(MinidiffError, match=r"experts\.1\.down_proj has no quantized weight"):
-        Q.load_quantized(ck, base + ".down_proj", (3, 32, 32), cfg)
+        S.load_quantized(ck, base + ".down_proj", (3, 32, 32), cfg)
 
 
 def test_two_groups_pick_by_regex(tmp_path):
@@ -411,5 +413,5 @@ def test_two_groups_pick_by_regex(tmp_path):
     cfg["config_groups"]["group_1"] = {"targets": [r"re:.*\.mlp\.down_proj$"],
                                        "weights": dict(cfg["config_groups"]["group_0"]["weights"], group_size=32)}
     ck = _write(tmp_path, t, cfg)
-    q = Q.load_quantized(ck, "model.decoder.layers.0.mlp.down_proj.weight", (16, 96), cfg)
+    q = S.load_quantized(ck, "model.decoder.layers.0.mlp.down_proj.weight", (16, 96), cfg)
     assert q.group_size == 32 and np.array_equal(q.dequantize(), expect)

@@ -16,7 +16,8 @@ from compressed_tensors.quantization import (  # noqa: E402
 from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam  # noqa: E402
 from compressed_tensors.quantization.utils.fp4_utils import cast_to_fp4  # noqa: E402
 
-from minidiff import quant as Q  # noqa: E402
+from minidiff import formats as Q  # noqa: E402
+from minidiff.tensors import f32_to_bf16_bits  # noqa: E402
 
 SHAPES = [(48, 256), (7, 384), (128, 1024)]
 
@@ -81,7 +82,7 @@ def test_int4_compressor_bit_exact(g, shape, scale_dtype):
     mine = Q.dequant_int4(packed, s, shape[1])
     if scale_dtype == "BF16":
         assert dec.dtype == torch.bfloat16
-        assert np.array_equal(dec.view(torch.int16).numpy().view(np.uint16), Q.f32_to_bf16_bits(mine))
+        assert np.array_equal(dec.view(torch.int16).numpy().view(np.uint16), f32_to_bf16_bits(mine))
     else:
         assert np.array_equal(dec.numpy(), mine)
 
@@ -136,7 +137,7 @@ def test_nvfp4_compressor_bit_exact(shape):
         {"weight_packed": torch.from_numpy(packed), "weight_scale": torch.from_numpy(sbits).view(torch.float8_e4m3fn),
          "weight_global_scale": torch.tensor([gs])}, scheme)["weight"]
     mine = Q.dequant_nvfp4(packed, sbits, global_scale=gs)
-    assert np.array_equal(dec.view(torch.int16).numpy().view(np.uint16), Q.f32_to_bf16_bits(mine))
+    assert np.array_equal(dec.view(torch.int16).numpy().view(np.uint16), f32_to_bf16_bits(mine))
     # and in float32, their formula exactly: fp4 * (scale / global_scale)
     fp4 = unpack_fp4_from_uint8(torch.from_numpy(packed), *shape, dtype=torch.float32)
     ref = (fp4.reshape(shape[0], -1, 16) * (torch.from_numpy(Q.e4m3_to_f32(sbits)) / torch.tensor([gs]))[..., None])

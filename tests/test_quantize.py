@@ -19,7 +19,7 @@ import tinyckpt  # noqa: E402
 from reference import compare  # noqa: E402
 
 import minidiff  # noqa: E402
-from minidiff import quant as Q  # noqa: E402
+from minidiff import formats as Q  # noqa: E402
 from minidiff import quantize as QZ  # noqa: E402
 from minidiff.cli import main  # noqa: E402
 from minidiff.config import load_config  # noqa: E402

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-import minidiff.model as fast
+import minidiff.ops as fast
 import minidiff.reference_ops as plain
 
 

@@ -10,7 +10,7 @@ from safetensors.numpy import load_file
 
 import minidiff
 from minidiff.cli import main
-from minidiff.model import rms_norm
+from minidiff.ops import rms_norm
 from minidiff.output import _umask
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny"

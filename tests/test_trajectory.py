@@ -89,7 +89,7 @@ def test_trajectory_replays_from_the_file_alone(tmp_path, args):
         assert f.get_tensor("steps.step").size >= 2
 
     import minidiff                                    # the same tokens as the API with that seed
-    from minidiff.sampler import GenerationConfig
+    from minidiff.generation_config import GenerationConfig
     with safe_open(str(path), "np") as f:
         prompt = f.get_tensor("prompt_ids")[0]
         cfg = GenerationConfig(**json.loads(f.metadata()["generation_config"]))

@@ -77,7 +77,7 @@ def peak_rss_gb() -> float:
 def worker_minidiff(folder, repeats, long_prefill):
     import numpy as np
     import minidiff
-    from minidiff import native
+    from minidiff.kernels import lowbit_matmul as native
     model = minidiff.load(folder)
     V, C = model.config.vocab_size, 256
     rng = np.random.default_rng(0)

@@ -44,7 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cupy as cp  # noqa: E402
 
 import minidiff  # noqa: E402
-import minidiff.model as model_ops  # noqa: E402
+import minidiff.model  # noqa: E402
+import minidiff.ops  # noqa: E402
 from minidiff import gpu  # noqa: E402
 from minidiff.config import parse_config  # noqa: E402
 from minidiff.model import Model  # noqa: E402
@@ -81,14 +82,14 @@ def random_weights(cfg, fmt: str) -> dict:
         if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
             E, N, K = shape
             if fmt == "bf16":
-                out[name] = gpu.DeviceExperts("bf16", random_bf16_bits(shape), shape, kernels=True, name=name)
+                out[name] = gpu.DeviceExperts("bf16", random_bf16_bits(shape), shape, bf16_moe=True, name=name)
             else:
                 words = cp.random.randint(0, 1 << 16, size=(E, N, K // 8, 2), dtype=cp.int32).astype(cp.uint16)
                 words = words.view(cp.uint32).reshape(E, N, K // 8)
                 scales = cp.random.uniform(0.001, 0.003, (E, N, K // GROUP)).astype(cp.float32)
-                out[name] = gpu.DeviceExperts("int4", words, shape, scales, GROUP, kernels=True, name=name)
+                out[name] = gpu.DeviceExperts("int4", words, shape, scales, GROUP, bf16_moe=True, name=name)
         elif len(shape) == 2 and shape[0] * shape[1] >= 4096:
-            out[name] = gpu.DeviceHalf(random_bf16_bits(shape), name, fast=True)
+            out[name] = gpu.DeviceHalf(random_bf16_bits(shape), name, bf16_gemm=True)
         else:
             out[name] = cp.random.uniform(0.6, 1.4, shape).astype(cp.float32)
     return out
@@ -136,7 +137,8 @@ def profile_step(model, canvas, cache, sc) -> dict:
     """Milliseconds per op kind in one step (each call synchronised: the shares, not the total)."""
     names = ["experts", "tied_head", "soft_embedding", "attention", "linear"]
     spent = {n: 0.0 for n in names}
-    saved = {n: getattr(model_ops, n) for n in names}
+    saved = {n: getattr(minidiff.ops, n) for n in names}
+    where = (minidiff.ops, minidiff.model)     # the model calls them by name; ops.mlp calls linear
 
     def wrap(n):
         def f(*a, **k):
@@ -148,7 +150,9 @@ def profile_step(model, canvas, cache, sc) -> dict:
             return r
         return f
     for n in names:
-        setattr(model_ops, n, wrap(n))
+        for m in where:
+            if hasattr(m, n):
+                setattr(m, n, wrap(n))
     try:
         cp.cuda.Device().synchronize()
         t = time.perf_counter()
@@ -157,7 +161,9 @@ def profile_step(model, canvas, cache, sc) -> dict:
         total = (time.perf_counter() - t) * 1e3
     finally:
         for n in names:
-            setattr(model_ops, n, saved[n])
+            for m in where:
+                if hasattr(m, n):
+                    setattr(m, n, saved[n])
     spent["other"] = total - sum(spent.values())
     return {k: round(v / total, 3) for k, v in spent.items()}
 

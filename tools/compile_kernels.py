@@ -1,8 +1,10 @@
-"""Compile every kernels_cuda/*.cu for the GPUs minidiff targets, without a GPU (CI runs this).
+"""Compile every minidiff/kernels/*.cu for the GPUs minidiff targets, without a GPU (CI runs this).
+
+The files are found in the minidiff that Python imports: the checkout, or an installed wheel (CI checks both).
 
 Two compilers, each used when present:
     NVRTC  the runtime compiler CuPy uses (`cupy.RawModule`), from the pip package nvidia-cuda-nvrtc-cu12
-           (or -cu13), called through ctypes with the options minidiff/gpu.py passes: what compiles here
+           (or -cu13), called through ctypes with the options kernels/moe_experts.py passes: what compiles here
            compiles in CuPy
     nvcc   the CUDA toolkit's compiler, with `-Xptxas -v`: registers and spills per kernel
 
@@ -23,9 +25,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ("sm_90", "sm_80")
-OPTIONS = ("-std=c++14",)                      # = minidiff/gpu.py: module()
+OPTIONS = ("-std=c++14",)                      # = minidiff/kernels/moe_experts.py: module()
+
+
+def kernel_files() -> list[Path]:
+    """The .cu files of the minidiff package Python imports."""
+    import minidiff.kernels
+    return sorted(Path(minidiff.kernels.__file__).parent.glob("*.cu"))
 
 
 def find_nvrtc():
@@ -85,7 +92,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--require", action="store_true", help="fail when no compiler is found")
     args = ap.parse_args()
-    files = sorted((ROOT / "kernels_cuda").glob("*.cu"))
+    files = kernel_files()
     lib, nvcc = find_nvrtc(), shutil.which("nvcc")
     if lib is None and nvcc is None:
         print("compile_kernels: no CUDA compiler here (pip install nvidia-cuda-nvrtc-cu12, or a CUDA toolkit)")
@@ -99,7 +106,7 @@ def main() -> int:
                     continue
                 ok, log = fn()
                 failed += not ok
-                print(f"{'ok  ' if ok else 'FAIL'} {tool:<5} {arch}  kernels_cuda/{path.name}")
+                print(f"{'ok  ' if ok else 'FAIL'} {tool:<5} {arch}  {path}")
                 if log and (not ok or tool == "nvcc"):
                     print("      " + log.replace("\n", "\n      "))
     print(f"{len(files)} kernel files, {failed} failed")

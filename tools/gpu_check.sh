@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The device check, prepared for a lent GPU machine (one call of the `device` tool; on an H200, 2026-11-26: compile
 # and tests 1.5 minutes, the benchmark 2 minutes before transformers was added to it):
-#   1. compile every kernels_cuda/*.cu (NVRTC as CuPy does, nvcc with the register report)
+#   1. compile every minidiff/kernels/*.cu (NVRTC as CuPy does, nvcc with the register report)
 #   2. validate the kernels against their NumPy references, the GPU model against the CPU model, and
 #      training through CuPy against training through NumPy
 #   3. the full-size benchmark (30 layers, int4 and bf16 experts, prompts 1K and 8K), then transformers beside

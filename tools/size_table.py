@@ -3,7 +3,7 @@
     python tools/size_table.py            # markdown table for docs/quantization.md
 
 The shapes are those of the release (docs/architecture.md §9); the byte counts
-follow the on-disk layouts of minidiff/quant.py exactly (packed codes + scales + per-module extras).
+follow the on-disk layouts of minidiff/formats.py exactly (packed codes + scales + per-module extras).
 The vision tower (0.573 B parameters, 1.15 GB in bf16) is not counted: minidiff never loads it.
 """
 

@@ -22,10 +22,10 @@ NumPy/CuPy through `xp`; the layer's backward is minidiff/train/layer.py, each o
 
 from __future__ import annotations
 
+from ..config import DEC, ENC
 from . import ops
 from .layer import layer_backward, layer_forward
 
-DEC, ENC = "model.decoder", "model.encoder.language_model"
 HEAD_ELEMENTS = 1 << 22          # logits alive at once in head_loss: rows · V <= this (16 MB of float32)
 
 
@@ -151,13 +151,12 @@ def load_params(folder, dtype="float32", xp=None) -> tuple:
     import numpy as np
     from ..config import load_config
     from ..loader import resolve
-    from ..tensors import dense
     from ..weights import load_text_weights, open_checkpoint
     xp = xp or np
     folder = resolve(folder)
     cfg = load_config(folder)
     weights = load_text_weights(open_checkpoint(folder), cfg)
-    return cfg, {n: xp.asarray(np.array(dense(w), dtype=dtype)) for n, w in weights.items()}   # writable copies
+    return cfg, {n: xp.asarray(np.array(w, dtype=dtype)) for n, w in weights.items()}   # writable copies
 
 
 class Batch:

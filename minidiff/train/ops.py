@@ -6,13 +6,21 @@ gradients of the inputs that have one, in the order the forward takes them. The 
 the docstrings; tests/test_train_ops.py checks every one against torch autograd (float64) and against
 finite differences, on shapes Hypothesis draws. No autograd framework: this file is the chain rule.
 
-The forward ops compute what `minidiff/model.py` computes (same formulas, same conventions); they are
-kept separate because a training forward must save its intermediates, and model.py's ops work in place.
+Each forward is the model's own op (minidiff/ops.py, imported here as `forward`) where that op's result is
+all the backward needs, or built from its pieces where the backward needs an intermediate (RMSNorm's
+1/rms, RoPE's tables); GELU, attention, the router and the experts keep their intermediates here, and
+tests/test_train_ops.py checks each against the model's op.
 """
 
 from __future__ import annotations
 
 import math
+
+import numpy as np
+
+from .. import ops as forward
+from ..backend import to_numpy
+from ..ops import group_by_expert
 
 SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
@@ -23,7 +31,7 @@ SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 def rms_norm(xp, x, w=None, eps=1e-6):
     """y = n · w,  n = x · r,  r = (mean(x²) + eps)^-1/2   (over the last axis; w absent: y = n)"""
-    r = (xp.mean(x * x, axis=-1, keepdims=True) + eps) ** -0.5
+    r = forward.inv_rms(xp, x, eps)
     n = x * r
     return (n if w is None else n * w), (n, r, w)
 
@@ -51,8 +59,7 @@ def gelu_tanh_backward(xp, dy, saved):
 
 def softmax(xp, z):
     """p = exp(z - max z) / Σ exp(z - max z)   (last axis)"""
-    e = xp.exp(z - z.max(axis=-1, keepdims=True))
-    p = e / e.sum(axis=-1, keepdims=True)
+    p = forward.softmax(xp, z)
     return p, p
 
 
@@ -63,7 +70,7 @@ def softmax_backward(xp, dp, p):
 
 def softcap(xp, z, cap):
     """y = cap · tanh(z / cap)"""
-    y = cap * xp.tanh(z / cap)
+    y = forward.softcap(xp, z.copy(), cap)
     return y, (y, cap)
 
 
@@ -77,12 +84,8 @@ def rope(xp, x, positions, inv_freq):
     """x [..., T, n, hd] rotated pairwise (dims i, i + hd/2) by the angle position · inv_freq[i] (model.rope);
     positions [T], or [B, T] for a batch whose rows start at different places. The angles, cos and sin are
     float32 whatever x's dtype, as in the model and the reference."""
-    ang = positions.astype(xp.float32)[..., None] * inv_freq.astype(xp.float32)        # [..., T, hd/2]
-    cos = xp.cos(xp.concatenate([ang, ang], axis=-1)).astype(x.dtype)[..., None, :]     # [..., T, 1, hd]
-    sin = xp.sin(xp.concatenate([ang, ang], axis=-1)).astype(x.dtype)[..., None, :]
-    half = x.shape[-1] // 2
-    rotated = xp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos + rotated * sin, (cos, sin)
+    cos, sin = forward.rope_tables(xp, positions, inv_freq, x.dtype)                  # [..., T, 1, hd]
+    return forward.rotate(xp, x, cos, sin), (cos, sin)
 
 
 def rope_backward(xp, dy, saved):
@@ -100,7 +103,7 @@ def rope_backward(xp, dy, saved):
 
 def linear(xp, x, W):
     """y = x Wᵀ   (W [out, in], PyTorch layout)"""
-    return x @ W.T, (x, W)
+    return forward.linear(x, W), (x, W)
 
 
 def linear_backward(xp, dy, saved):
@@ -236,11 +239,9 @@ def experts(xp, x, ids, w, gate_up, down):
     E, Ie = gate_up.shape[0], gate_up.shape[1] // 2
     y = xp.zeros_like(x)
     groups = []
-    flat = ids.reshape(-1)
-    for e in range(E):                                                   # one batched product per expert
-        a = xp.flatnonzero(flat == e)                                   # its assignments
-        if a.size == 0:
-            continue
+    order, counts, first = (to_numpy(a) for a in group_by_expert(xp, ids, E))
+    for e in np.flatnonzero(counts):                                    # one batched product per expert in use
+        a = xp.asarray(order[first[e]:first[e] + counts[e]])            # its assignments, ascending
         t = a // k
         gu = x[t] @ gate_up[e].T                                        # [n, 2Ie]
         act, sa = gelu_tanh(xp, gu[:, :Ie])

@@ -7,12 +7,12 @@
  *   - compressed-tensors int4:  VALUES[c] = c - 8,  a float32 or bf16 scale per group of `group` inputs;
  *   - NVFP4:                    VALUES[c] = the 16 FP4 E2M1 numbers, an FP8 E4M3 scale per 16 inputs,
  *                               divided by a global scale (compressed-tensors) or times scale_2 (ModelOpt).
- * W[r, k] is computed exactly as quant.dequant_int4 / quant.dequant_nvfp4 compute it (the same float32
+ * W[r, k] is computed exactly as formats.dequant_int4 / formats.dequant_nvfp4 compute it (the same float32
  * operations), so only the order of the additions differs from "dequantize, then X @ W.T"
  * (tests/test_native.py compares the two).
  *
  * Order of the inputs: a byte holds inputs 2j and 2j + 1, so a decoded row is laid out as the even inputs,
- * then the odd ones; X's columns come in the same order (native.Plan.columns arranges them), which leaves
+ * then the odd ones; X's columns come in the same order (KernelView.columns arranges them), which leaves
  * every product W[r, k] * X[t, k] as it was.
  *
  * Why: NumPy needs several passes over memory to turn 4-bit codes into float32 (split the nibbles, cast,
@@ -21,7 +21,7 @@
  *
  * The work is a list of items, one (matrix, block of rows, run of tokens) each; items write disjoint parts
  * of Y, so the caller splits the list over threads and every Y element is summed in one fixed order.
- * Built and loaded by minidiff/native.py.
+ * Built and loaded by lowbit_matmul.py beside it; lowbit_matmul_reference.py states what it computes.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -151,7 +151,7 @@ static void item(const Format *f, const Matrix *m, int64_t r0, int64_t r1, int64
 }
 
 /* rows [r0, r1) of matrix m widened into out [r1 - r0, k] float32, inputs in their own order: the same
- * values as quant.dequant_int4 / dequant_nvfp4, for the products that stay with the BLAS (the dense
+ * values as formats.dequant_int4 / dequant_nvfp4, for the products that stay with the BLAS (the dense
  * layers, long prefills) */
 void lowbit_widen(const Matrix *m, const Format *f, int64_t r0, int64_t r1, float *out)
 {

@@ -1,4 +1,4 @@
-"""kernels_cuda/moe_experts.cu replayed lane by lane in NumPy: its index arithmetic checked without a GPU.
+"""moe_experts.cu replayed lane by lane in NumPy: its index arithmetic checked without a GPU.
 
 The kernel's risk is not its arithmetic (an MMA is a matrix product) but its bookkeeping: which weight
 word, token row and scale each of a warp's 32 lanes loads, and which output element each lane writes.
@@ -12,24 +12,21 @@ the PTX ISA ("Matrix Fragments for mma.m16n8k16"), not from the kernel's comment
 
 On its first GPU run (H200, 2026-11-26) the kernel was wrong by up to 150 % of the output (every lane
 group loaded the warp's first weight row); this replay, given the same inputs, reproduced the same errors
-to three digits, and agrees with `gpu.moe_reference` after the fix. It is slow (Python loops over blocks,
+to three digits, and agrees with `moe_reference` after the fix. It is slow (Python loops over blocks,
 warps and lanes): tiny shapes only. It is a hand transcription, so it must change with the kernel: change
 the index arithmetic here first, check it on the CPU, then on a GPU (tests/test_gpu_kernels.py).
 
-    python tools/emulate_moe_kernel.py        # the cases of tests/test_gpu_kernels.py that fit, max |Δ| each
+    python -m minidiff.kernels.moe_experts_emulator   # the cases of tests/test_gpu_kernels.py that fit
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from minidiff import gpu  # noqa: E402
-from minidiff.model import gelu_tanh  # noqa: E402
-from minidiff.tensors import bf16_to_f32, f32_to_bf16_bits  # noqa: E402
+from ..ops import gelu_tanh
+from ..tensors import bf16_to_f32, f32_to_bf16_bits
+from .moe_experts import combine, expert_rows
+from .moe_experts_reference import moe_reference
 
 TILES, WARPS, LANES = 8, 4, 32       # as in the kernel: 8 tiles of 8 rows, 4 warps of 16 features
 
@@ -142,19 +139,20 @@ def run(kind, fmt, W, scales, X, row_token, offsets, H, Ie, G, out, route_weight
 
 
 def moe(fmt, gate_up, gate_up_scales, down, down_scales, x, idx, weight, H, Ie, G):
-    """gpu.DeviceExperts.run with both launches replayed: x [T, H] float32, idx/weight [T, k] -> [T, H]; the
+    """moe_experts.moe_experts with both launches replayed: x [T, H] float32, idx/weight [T, k] -> [T, H]; the
     experts as random_experts gives them (bf16 bits [E, N, K], or int4 words [E, N, K/8] + scales [E, N, K/G])."""
     T, k = idx.shape
     E = gate_up.shape[0]
     flat = [None if a is None else a.reshape(-1) for a in (gate_up, gate_up_scales, down, down_scales)]
     gate_up, gate_up_scales, down, down_scales = flat                  # the kernels index them flat
-    plan = gpu.route_plan(np, idx, weight, E)
-    act = np.full(plan.A * Ie, 0x7FC0, np.uint16)                   # poisoned (NaN) as in the GPU test
-    rows = np.full(plan.A * H, np.nan, np.float32)
-    run("gate_up", fmt, gate_up, gate_up_scales, f32_to_bf16_bits(x).reshape(-1), plan.row_token, plan.offsets,
-        H, Ie, G, act)
-    run("down", fmt, down, down_scales, act, None, plan.offsets, H, Ie, G, rows, plan.route_weight)
-    return gpu.combine(np, rows.reshape(plan.A, H), plan, T, k)
+    sorted_rows = expert_rows(np, idx, weight, E)
+    A = sorted_rows.A
+    act = np.full(A * Ie, 0x7FC0, np.uint16)                        # poisoned (NaN) as in the GPU test
+    rows = np.full(A * H, np.nan, np.float32)
+    run("gate_up", fmt, gate_up, gate_up_scales, f32_to_bf16_bits(x).reshape(-1), sorted_rows.row_token,
+        sorted_rows.offsets, H, Ie, G, act)
+    run("down", fmt, down, down_scales, act, None, sorted_rows.offsets, H, Ie, G, rows, sorted_rows.route_weight)
+    return combine(np, rows.reshape(A, H), sorted_rows, T, k)
 
 
 def random_experts(rng, fmt, E, N, K, G):
@@ -181,7 +179,7 @@ def check(fmt, T, E, k, H, Ie, G, empty, seed=None):
     idx = np.stack([rng.choice(live, k, replace=False) for _ in range(T)])
     w = rng.random((T, k)).astype(np.float32)
     x = rng.standard_normal((T, H)).astype(np.float32)
-    ref = gpu.moe_reference(x, idx, w, gu_v, dn_v)
+    ref = moe_reference(x, idx, w, gu_v, dn_v)
     got = moe(fmt, gu, gu_s, dn, dn_s, x, idx, w, H, Ie, G)
     return float(np.abs(got - ref).max()), float(np.abs(ref).max())
 

@@ -1,20 +1,23 @@
-"""The one compiled piece of the CPU path: 4-bit weights (int4, NVFP4) used without NumPy widening them.
+"""The launcher of lowbit_matmul.c, the CPU's one kernel: 4-bit weights (int4, NVFP4) used without NumPy
+widening them.
 
 NumPy turns 4-bit codes into float32 in several passes over memory (split the nibbles, cast, scale),
-which costs more than the matrix product that follows and more than widening bf16. `cpu_kernels/
-lowbit_matmul.c` (plain C with vector types) does two things:
+which costs more than the matrix product that follows and more than widening bf16. `lowbit_matmul.c`
+(plain C with vector types, beside this file) does two things:
 
     lowbit_matmul   the routed experts: each weight row decoded into a buffer that stays in cache and used
                     at once for all the expert's tokens (`experts`, while each expert sees few tokens: a
                     denoiser step gives about 16; a long prefill, hundreds, goes to the BLAS)
-    lowbit_widen    any 4-bit Linear widened to float32 in one pass, for the BLAS (`widener`, used by
-                    quant.QuantTensor for the dense layers and long prefills)
+    lowbit_widen    any 4-bit Linear widened to float32 in one pass, for the BLAS (`widener`, for the dense
+                    layers and long prefills)
 
-It is optional: built on first use with the system C compiler (`$CC`, else `cc`) into a per-user cache,
-loaded with ctypes, and skipped -- NumPy does the work as before -- when there is no compiler, when
-`MINIDIFF_NATIVE=0`, or when a weight is in a form it does not read. `native.status()` says which.
-Decoded weights equal quant.py's dequantizers bit for bit; products equal "dequantize, then X @ W.T" up
-to the order of the float32 additions (tests/test_native.py).
+The loader offers it to each 4-bit weight (`bind`): the experts' `moe`, every Linear's `kernel_widen`
+(ops.py's docstring has the protocol). It is optional: built on first use with the system C compiler
+(`$CC`, else `cc`) into a per-user cache, loaded with ctypes, and skipped -- NumPy does the work as
+before -- when there is no compiler, when `MINIDIFF_NATIVE=0`, or when a weight is in a form it does not
+read. `status()` says which. Decoded weights equal formats.py's dequantizers bit for bit; products equal
+lowbit_matmul_reference.py ("dequantize, then X @ W.T") up to the order of the float32 additions
+(tests/test_native.py).
 """
 
 import ctypes
@@ -28,10 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import num_threads, parallel
+from .. import formats
+from ..backend import num_threads, parallel
+from ..ops import gelu_tanh, group_by_expert
 
-SOURCE = Path(__file__).with_name("cpu_kernels") / "lowbit_matmul.c"
-MAX_TOKENS_PER_EXPERT = 64      # above this (a long prefill) widening + BLAS is faster
+SOURCE = Path(__file__).with_name("lowbit_matmul.c")
+MAX_MEAN_TOKENS = 64            # tokens per expert on average; above (a long prefill) widening + BLAS is faster
+MAX_TOKENS = 4 * MAX_MEAN_TOKENS   # and at most this many for any one expert
 ROWS_PER_ITEM = 32              # rows of one matrix per work item: small enough to balance the threads
 
 SCALE_KINDS = {"F32": 0, "BF16": 1, "E4M3": 2}
@@ -146,8 +152,8 @@ def reset():
 # describing a stored expert tensor to the kernel
 
 
-class Plan:
-    """All matrices of one 4-bit expert tensor (quant.QuantExperts) as the kernel reads them: matrix
+class KernelView:
+    """All matrices of one 4-bit expert tensor (formats.QuantExperts) as the kernel reads them: matrix
     e * P + p is part p (gate, up; or down) of expert e. Built once per tensor; holds the arrays it points at."""
 
     def __init__(self, experts):
@@ -219,13 +225,12 @@ def aligned_zeros(shape):
 
 def _format_of(w):
     """(format, scale kind, group) of a 4-bit Linear, or None when the kernel does not read it."""
-    from . import quant
     if w.shape[1] % 2:
         return None
-    if isinstance(w, quant.Int4Weight) and w.scale_dtype in ("F32", "BF16") and w.group_size % 16 == 0:
+    if isinstance(w, formats.Int4Weight) and w.scale_dtype in ("F32", "BF16") and w.group_size % 16 == 0:
         return ("int4", w.scale_dtype, int(w.group_size))
-    if isinstance(w, quant.NVFP4Weight):
-        return ("nvfp4", "E4M3", quant.NVFP4_GROUP)
+    if isinstance(w, formats.NVFP4Weight):
+        return ("nvfp4", "E4M3", formats.NVFP4_GROUP)
     return None
 
 
@@ -235,8 +240,7 @@ def _padded(k: int) -> int:
 
 
 def _format_struct(fmt, k: int) -> Format:
-    from . import quant
-    return Format(quant.E4M3.ctypes.data, fmt[0] == "nvfp4", SCALE_KINDS[fmt[1]], k, _padded(k), fmt[2])
+    return Format(formats.E4M3.ctypes.data, fmt[0] == "nvfp4", SCALE_KINDS[fmt[1]], k, _padded(k), fmt[2])
 
 
 def _matrix(w, out_col: int, keep: list) -> Matrix:
@@ -251,18 +255,17 @@ def _arrays(w):
     """(codes uint8 [rows, stride], scales, stride, scale_div, scale_mul) of a 4-bit Linear whose scales
     are all finite (checked here once, as the NumPy path checks them at every use) and whose arrays have
     the sizes the kernel will read (the loader checked them; the kernel reads raw memory, so again here)."""
-    from . import quant
     rows, k = w.shape
     fmt = _format_of(w)
-    if isinstance(w, quant.Int4Weight):
+    if isinstance(w, formats.Int4Weight):
         w._scale(slice(None))                                      # raises on a non-finite scale
         codes = np.ascontiguousarray(w.packed).view(np.uint8)
         scales = np.ascontiguousarray(w.scale_raw)
         div, mul = 0.0, 1.0
     else:
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):    # reported just below
-            eff = quant.nvfp4_group_scales(w.scale_bits, w.global_scale, w.scale_2)
-        quant._check_finite(eff, w.name, w.where)
+            eff = formats.nvfp4_group_scales(w.scale_bits, w.global_scale, w.scale_2)
+        formats.check_finite(eff, w.name, w.where)
         codes = np.ascontiguousarray(w.packed, dtype=np.uint8)
         scales = np.ascontiguousarray(w.scale_bits, dtype=np.uint8)
         div, mul = (float(np.float32(w.global_scale)), 1.0) if w.global_scale is not None \
@@ -274,21 +277,20 @@ def _arrays(w):
     return codes, scales, codes.shape[1], div, mul
 
 
-def plan(experts):
-    """The kernel's Plan for a stored expert tensor, or None when it does not apply (cached on the tensor)."""
-    from . import quant
-    if not isinstance(experts, quant.QuantExperts) or library() is None:
+def kernel_view(experts):
+    """The KernelView of a stored expert tensor, or None when it does not apply (cached on the tensor)."""
+    if not isinstance(experts, formats.QuantExperts) or library() is None:
         return None
-    if not hasattr(experts, "_native_plan"):
+    if not hasattr(experts, "_kernel_view"):
         try:
-            experts._native_plan = Plan(experts) if _format_of(experts.parts[0][0]) else None
+            experts._kernel_view = KernelView(experts) if _format_of(experts.parts[0][0]) else None
         except ValueError:
-            experts._native_plan = None
-    return experts._native_plan
+            experts._kernel_view = None
+    return experts._kernel_view
 
 
 class Widen:
-    """One 4-bit Linear [rows, k] as the kernel reads it, for `lowbit_widen` (quant.py's expand path)."""
+    """One 4-bit Linear [rows, k] as the kernel reads it, for `lowbit_widen` (formats.QuantTensor's rows)."""
 
     def __init__(self, w):
         fmt = _format_of(w)
@@ -317,36 +319,52 @@ def widener(w):
 
 
 def experts(x, idx, weight, gate_up, down):
-    """model.experts for 4-bit stored experts, through the kernel; None when it does not apply (then the
-    caller widens and uses the BLAS). Tokens are grouped by expert as there, each expert's run padded with
-    zero rows to a multiple of 4 (the kernel's token tile)."""
+    """ops.experts for 4-bit stored experts, through the kernel; None when it does not apply (then ops
+    widens and uses the BLAS). Tokens are grouped by expert as there, each expert's run padded with zero
+    rows to a multiple of 4 (the kernel's token tile)."""
     T, k = idx.shape
     E, H = gate_up.shape[0], x.shape[1]
-    if x.dtype != np.float32 or T * k > MAX_TOKENS_PER_EXPERT * E:
+    if x.dtype != np.float32 or T * k > MAX_MEAN_TOKENS * E:
         return None
-    gu_plan, down_plan = plan(gate_up), plan(down)
-    if gu_plan is None or down_plan is None:
+    gu_view, down_view = kernel_view(gate_up), kernel_view(down)
+    if gu_view is None or down_view is None:
         return None
-    from .model import gelu_tanh
-    flat = idx.reshape(-1)
-    order = np.argsort(flat, kind="stable")                            # assignments grouped by expert
-    counts = np.bincount(flat, minlength=E)                            # [E]
-    if counts.max() > 4 * MAX_TOKENS_PER_EXPERT:
+    order, counts, first = group_by_expert(np, idx, E)
+    if counts.max() > MAX_TOKENS:
         return None
     padded = -(-counts // 4) * 4
     start = np.cumsum(padded) - padded                                 # [E] first row of each expert's run
-    e = flat[order]
-    row = start[e] + np.arange(T * k) - (np.cumsum(counts) - counts)[e]  # row of assignment order[i]
+    e = idx.reshape(-1)[order]
+    row = start[e] + np.arange(T * k) - first[e]                       # row of assignment order[i]
     active = np.flatnonzero(counts)
     N = int(padded.sum())
-    X = gu_plan.columns(x[order // k], (row, N))                       # [N, kp >= H]
-    GU = np.empty((N, gu_plan.rows), dtype=np.float32)                 # [N, 2Ie]
-    gu_plan.run(X, GU, active, start, padded)
-    ie = gu_plan.rows // 2
-    A = down_plan.columns(gelu_tanh(np, GU[:, :ie]) * GU[:, ie:])      # [N, kp >= Ie]
-    Y = np.empty((N, down_plan.rows), dtype=np.float32)                # [N, H]
-    down_plan.run(A, Y, active, start, padded)
+    X = gu_view.columns(x[order // k], (row, N))                       # [N, kp >= H]
+    GU = np.empty((N, gu_view.rows), dtype=np.float32)                 # [N, 2Ie]
+    gu_view.run(X, GU, active, start, padded)
+    ie = gu_view.rows // 2
+    A = down_view.columns(gelu_tanh(np, GU[:, :ie]) * GU[:, ie:])      # [N, kp >= Ie]
+    Y = np.empty((N, down_view.rows), dtype=np.float32)                # [N, H]
+    down_view.run(A, Y, active, start, padded)
     y = np.empty((T * k, H), dtype=np.float32)
     y[order] = Y[row]
     y *= weight.reshape(-1, 1)                                         # routing weights
     return y.reshape(T, k, H).sum(axis=1)                              # [T, H]
+
+
+def widen_rows(w, rows: slice, out: np.ndarray) -> bool:
+    """Rows of a 4-bit Linear widened by the kernel into out; False when it does not read w's form."""
+    fast = widener(w) if out.flags.c_contiguous else None
+    if fast is not None:
+        fast(rows, out)
+    return fast is not None
+
+
+def bind(w) -> None:
+    """Offer the kernel to a 4-bit weight (the loader calls this on the CPU): expert tensors get `moe`, every
+    4-bit Linear (the experts' parts too) `kernel_widen`; each checks at its call whether the kernel applies."""
+    if isinstance(w, formats.QuantExperts):
+        w.moe = lambda x, idx, weight, down: experts(x, idx, weight, w, down)
+        for part in (p for parts in w.parts for p in parts):
+            bind(part)
+    elif isinstance(w, formats.QuantTensor):
+        w.kernel_widen = lambda rows, out: widen_rows(w, rows, out)
