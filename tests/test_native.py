@@ -199,3 +199,24 @@ def test_no_compiler_or_a_failing_one_leaves_the_numpy_path(monkeypatch, tmp_pat
     want = ops.experts(np, x, idx, np.ones((3, 1), np.float32), gu.dequantize(), dn.dequantize())
     np.testing.assert_allclose(ops.experts(np, x, idx, np.ones((3, 1), np.float32), gu, dn), want,
                                rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_the_loader_binds_the_kernel_to_4bit_weights(tmp_path):
+    """minidiff.load on the CPU offers the kernel to every 4-bit weight (ops.py's protocol): the experts
+    compute through it, and the model's logits are what the kernel gives."""
+    import minidiff
+    from minidiff.cli import main
+    assert main(["quantize", "default", str(tmp_path / "q"), "--scope", "all-linear"]) == 0
+    model = minidiff.load(tmp_path / "q")
+    gu, dn = model.layers[0]["experts.gate_up_proj"], model.layers[0]["experts.down_proj"]
+    q = model.layers[0]["self_attn.q_proj.weight"]
+    assert callable(gu.moe) and q.kernel_widen is not None
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((5, gu.shape[2])).astype(np.float32)
+    idx = np.stack([rng.choice(gu.shape[0], 2, replace=False) for _ in range(5)])
+    wts = rng.random((5, 2)).astype(np.float32)
+    np.testing.assert_array_equal(ops.experts(np, x, idx, wts, gu, dn), native.experts(x, idx, wts, gu, dn))
+    out = np.empty(q.shape, np.float32)
+    assert q.kernel_widen(slice(0, q.shape[0]), out)
+    np.testing.assert_array_equal(out, reference.lowbit_widen(q))

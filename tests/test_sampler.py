@@ -6,6 +6,7 @@ are known to be able to fail.
 """
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -647,3 +648,31 @@ def test_max_length_quirk():
     m = MockModel(40, 4, flat(0))
     assert S.generate(m, [2, 3], max_length=11, max_denoising_steps=1, seed=0).canvases == 3     # ceil(9/4)
     assert S.generate(m, [2, 3], max_length=11, max_new_tokens=4, max_denoising_steps=1, seed=0).canvases == 1
+
+
+def test_auto_self_conditioning_follows_the_checkpoint_dtype_in_config(tmp_path):
+    """"auto" rounds the self-conditioning logits to bf16 exactly when config.json says the checkpoint is
+    bf16 (read once, into ModelConfig.checkpoint_dtype); otherwise they pass as they are."""
+    import json
+    import shutil
+
+    import minidiff
+    from minidiff.generation_config import GenerationConfig
+    tiny = Path(__file__).parent / "golden" / "tiny"
+    z = np.float32(1 + 2 ** -10) * np.ones((2, 3), np.float32)        # not a bf16 value: rounding shows
+    model = minidiff.load(tiny)
+    assert model.config.checkpoint_dtype == "bfloat16"
+    assert (S._sc_rounding(model, GenerationConfig())(z) == S.round_bf16(z)).all()
+    for key, value in (("dtype", "float32"), ("torch_dtype", "float32"), (None, None)):
+        folder = tmp_path / str(key)
+        shutil.copytree(tiny, folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        for k in ("dtype", "torch_dtype"):
+            cfg.pop(k, None)
+            cfg.get("text_config", {}).pop(k, None)
+        if key:
+            cfg[key] = value
+        (folder / "config.json").write_text(json.dumps(cfg))
+        m = minidiff.load(folder)
+        assert m.config.checkpoint_dtype == value
+        assert (S._sc_rounding(m, GenerationConfig())(z) == z).all()
