@@ -117,7 +117,7 @@ def _effective_group(n: int, g: int, fmt: str) -> int | None:
     return None
 
 
-def plan(ckpt, scope: str, group_size: int, fmt: str):
+def conversion_jobs(ckpt, scope: str, group_size: int, fmt: str):
     """-> (jobs per source file, {proj kind: group size or None}, notes)."""
     kinds: dict[str, set] = {}  # proj kind -> set of input widths
     items = []
@@ -468,7 +468,7 @@ def convert(src, dst, group_size: int = 32, scope: str = "all-linear", fmt: str 
     if dst.is_dir() and any(dst.resolve() == d or d in dst.resolve().parents for d in source.inside):
         raise MinidiffError(f"{dst}: DST must not be inside SRC")
     ckpt = open_checkpoint(source)
-    jobs, group, notes = plan(ckpt, scope, group_size, fmt)
+    jobs, group, notes = conversion_jobs(ckpt, scope, group_size, fmt)
     if not any(g is not None for g in group.values()):
         raise MinidiffError(f"{src}: found no expert or linear weights to quantize "
                             f"(expected model.decoder.layers.N.experts.gate_up_proj, …)")

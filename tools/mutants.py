@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FORWARD = ["tests/test_golden.py", "tests/test_ops.py", "tests/test_cpu_fast.py", "tests/test_model_oracle.py"]
 TRAIN = ["tests/test_train_fd.py", "tests/test_train_ops.py", "tests/test_train_layer.py", "tests/test_train_objective.py",
+         "tests/test_train_forward.py",
          "tests/test_train.py"]
 ORACLE = ["tests/test_trace.py", "tests/test_compare.py", "tests/test_golden.py", "tests/test_trace_oracle.py"]
 SAMPLER = ["tests/test_sampler.py", "tests/test_sampler_mocks.py", "tests/test_golden_trajectory.py",
