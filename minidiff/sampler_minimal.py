@@ -1,4 +1,4 @@
-"""The whole block-diffusion sampler for one prompt, in 40 lines: read this first, then `sampler.py`.
+"""The whole block-diffusion sampler for one prompt, in one 26-line function: read this first, then `sampler.py`.
 
 It is the algorithm of docs/sampler.md and nothing else: no batch, no infill, no greedy mode, no
 callbacks, no validation. `sampler.generate` does the same with all of those; tests/test_sampler_minimal.py

@@ -23,7 +23,8 @@ import minidiff  # noqa: E402
 from minidiff import gpu  # noqa: E402
 from minidiff.tensors import bf16_to_f32, f32_to_bf16_bits  # noqa: E402
 
-from minidiff.kernels import moe_experts, moe_experts_emulator  # noqa: E402
+import moe_cases  # noqa: E402
+from minidiff.kernels import moe_experts  # noqa: E402
 from minidiff.kernels.moe_experts_reference import moe_reference  # noqa: E402
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny"
@@ -33,7 +34,7 @@ BOUND = 2e-3
 def random_experts(rng, fmt, E, N, K, G):
     """-> (DeviceExperts, float32 weight values [E, N, K]) with random bf16 or int4 weights (the draw of
     minidiff/kernels/moe_experts_emulator.py, which replays these same cases on the CPU)."""
-    data, scales, values = moe_experts_emulator.random_experts(rng, fmt, E, N, K, G)
+    data, scales, values = moe_cases.random_experts(rng, fmt, E, N, K, G)
     group = G if fmt == "int4" else None
     return gpu.DeviceExperts(fmt, data, (E, N, K), scales, group, bf16_moe=True, xp=cupy), values
 

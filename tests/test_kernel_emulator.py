@@ -8,7 +8,7 @@ there, and tests/test_gpu_kernels.py (on a GPU) guards the kernel itself."""
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from minidiff.kernels import moe_experts_emulator as emu  # noqa: E402
+import moe_cases as emu
 
 BOUND = 2e-3                                   # tests/test_gpu_kernels.py's stated bound
 
