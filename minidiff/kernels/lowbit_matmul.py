@@ -21,12 +21,16 @@ lowbit_matmul_reference.py ("dequantize, then X @ W.T") up to the order of the f
 """
 
 import ctypes
+import fcntl
 import hashlib
 import os
 import platform
 import shutil
+import stat
 import subprocess
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +43,7 @@ SOURCE = Path(__file__).with_name("lowbit_matmul.c")
 MAX_MEAN_TOKENS = 64            # tokens per expert on average; above (a long prefill) widening + BLAS is faster
 MAX_TOKENS = 4 * MAX_MEAN_TOKENS   # and at most this many for any one expert
 ROWS_PER_ITEM = 32              # rows of one matrix per work item: small enough to balance the threads
+CC_SECONDS = 60                 # a compile that takes longer is abandoned (the NumPy path takes over)
 
 SCALE_KINDS = {"F32": 0, "BF16": 1, "E4M3": 2}
 # -ffp-contract=fast: multiply-adds as FMA instructions (ISO C mode turns that off; the BLAS uses them too)
@@ -63,8 +68,30 @@ _STATUS = "not tried"
 
 
 def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    """$XDG_CACHE_HOME/minidiff/native, else ~/.cache/…; a relative XDG_CACHE_HOME is ignored (the XDG spec)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "minidiff" / "native"
+
+
+def _private(d: Path) -> str | None:
+    """Make d and its parent minidiff/ folder ours alone: created 0700, each a real folder (not a link) owned
+    by this user, group/other access removed (and what a folder open to others held, deleted). None when it
+    is safe to build and load from, else why not."""
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for f in (d.parent, d):
+            st = os.lstat(f)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+                return f"{f} is {'not a folder' if not stat.S_ISDIR(st.st_mode) else 'owned by another user'}"
+            if st.st_mode & 0o077:               # it was open to others: what is in it may be theirs
+                os.chmod(f, 0o700)
+                for old in d.glob("lowbit_matmul-*"):
+                    old.unlink()
+    except OSError as e:
+        return f"cannot create {d}: {e.strerror or e}"
+    return None
 
 
 def _cpu_id() -> str:
@@ -77,12 +104,36 @@ def _cpu_id() -> str:
         return platform.processor() + platform.machine()
 
 
-def _build(cc: str, out: Path) -> str | None:
-    """Compile SOURCE into `out` (atomically); None on success, else why not."""
+def _digest(path: Path) -> str | None:
+    """sha256 of a regular file of ours that nobody else may write (read without following a link), else None."""
     try:
-        out.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    except OSError as e:
-        return f"cannot create {out.parent}: {e.strerror or e}"
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022 or st.st_size > 1 << 26:
+            return None
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _verified(path: Path) -> bool:
+    """The library at path is the one minidiff built: its sha256 equals what the build recorded beside it."""
+    try:
+        recorded = path.with_suffix(".sha256").read_text()[:64]
+    except (OSError, UnicodeDecodeError):
+        return False
+    return _digest(path) == recorded
+
+
+SMOKE = ("import ctypes, sys; lib = ctypes.CDLL(sys.argv[1]); lib.lowbit_widen; lib.lowbit_matmul; print('ok')")
+
+
+def _build(cc: str, out: Path) -> str | None:
+    """Compile SOURCE into `out`: into a temporary name, loaded once in a child process (the smoke test),
+    then its sha256 recorded beside it and renamed into place; None on success, else why not. Each compile
+    may take CC_SECONDS (MINIDIFF_CC_SECONDS) at most."""
+    limit = float(os.environ.get("MINIDIFF_CC_SECONDS", "") or CC_SECONDS)
     for flags in (["-march=native"], []):           # a compiler without -march=native still builds it
         try:
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -90,51 +141,76 @@ def _build(cc: str, out: Path) -> str | None:
             return f"cannot write in {out.parent}: {e.strerror or e}"
         os.close(fd)
         try:
-            r = subprocess.run([cc, *FLAGS, *flags, str(SOURCE), "-o", tmp],
-                               capture_output=True, text=True, timeout=120)
-            if r.returncode == 0:
-                os.replace(tmp, out)
-                return None
+            r = subprocess.run([cc, *FLAGS, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                               timeout=limit, stdin=subprocess.DEVNULL)
             why = (r.stderr.strip().splitlines() or ["failed"])[-1]
-        except (OSError, subprocess.TimeoutExpired) as e:
+            if r.returncode == 0:
+                smoke = subprocess.run([sys.executable, "-c", SMOKE, tmp], capture_output=True, text=True,
+                                       timeout=limit, stdin=subprocess.DEVNULL)
+                digest = _digest(Path(tmp))
+                if smoke.stdout.strip() == "ok" and digest:
+                    Path(tmp).with_suffix(".sha256").write_text(digest)
+                    os.replace(Path(tmp).with_suffix(".sha256"), out.with_suffix(".sha256"))
+                    os.replace(tmp, out)
+                    return None
+                why = "what it built does not load as the kernel library"
+        except subprocess.TimeoutExpired:
+            return f"{cc} took more than {limit:g} s (MINIDIFF_CC_SECONDS)"
+        except OSError as e:
             why = f"{type(e).__name__}"
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            for f in (tmp, str(Path(tmp).with_suffix(".sha256"))):
+                if os.path.exists(f):
+                    os.unlink(f)
     return f"{cc} could not build {SOURCE.name}: {why}"
 
 
+_BUILDING = threading.Lock()        # one build at a time in this process; a lock file across processes
+
+
 def library():
-    """The loaded kernel library, or None (then `status()` says why). Built once per machine and source."""
+    """The loaded kernel library, or None (then `status()` says why). Built once per machine and source into
+    a private cache, and loaded only when its content is what minidiff built (docs/security.md)."""
     global _LIB, _STATUS
-    if _LIB is not None or _STATUS != "not tried":
+    with _BUILDING:
+        if _LIB is not None or _STATUS != "not tried":
+            return _LIB
+        _LIB, why, loud = _load()
+        _STATUS = f"on ({why})" if _LIB is not None else f"off ({why})"
+        if loud:                                 # a build or load that was tried and failed: said once, on stderr
+            print(f"minidiff: note: the CPU kernel is {_STATUS}; 4-bit weights go through NumPy", file=sys.stderr)
         return _LIB
+
+
+def _load():
+    """-> (library or None, what happened, whether a failure should be said on stderr)."""
     if os.environ.get("MINIDIFF_NATIVE", "1") == "0":
-        _STATUS = "off (MINIDIFF_NATIVE=0)"
-        return None
+        return None, "MINIDIFF_NATIVE=0", False
     cc = shutil.which(os.environ.get("CC", "cc"))
     if cc is None:
-        _STATUS = "off (no C compiler: set CC or install one)"
-        return None
+        return None, "no C compiler: set CC or install one", False
+    folder = _cache_dir()
+    why = _private(folder)
+    if why:
+        return None, why, True
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *FLAGS]).encode() + _cpu_id().encode()).hexdigest()[:16]
-    path = _cache_dir() / f"lowbit_matmul-{key}.so"
-    if not path.exists():
-        why = _build(cc, path)
-        if why:
-            _STATUS = f"off ({why})"
-            return None
-    try:
-        lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        _STATUS = f"off (could not load {path}: {e})"
-        return None
+    path = folder / f"lowbit_matmul-{key}.so"
+    with open(folder / f"lowbit_matmul-{key}.lock", "a") as lock:  # another process building it: wait for it
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _verified(path):                  # absent, or not what minidiff built: (re)build it
+            why = _build(cc, path)
+            if why:
+                return None, why, True
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            return None, f"could not load {path}: {e}", True
     lib.lowbit_widen.restype = None
     lib.lowbit_widen.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     lib.lowbit_matmul.restype = ctypes.c_int
     lib.lowbit_matmul.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    _LIB, _STATUS = lib, f"on ({path.name})"
-    return lib
+    return lib, path.name, False
 
 
 def status() -> str:
@@ -145,7 +221,8 @@ def status() -> str:
 def reset():
     """Forget the loaded library (tests switch MINIDIFF_NATIVE / CC)."""
     global _LIB, _STATUS
-    _LIB, _STATUS = None, "not tried"
+    with _BUILDING:
+        _LIB, _STATUS = None, "not tried"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,6 +439,8 @@ def widen_rows(w, rows: slice, out: np.ndarray) -> bool:
 def bind(w) -> None:
     """Offer the kernel to a 4-bit weight (the loader calls this on the CPU): expert tensors get `moe`, every
     4-bit Linear (the experts' parts too) `kernel_widen`; each checks at its call whether the kernel applies."""
+    if isinstance(w, formats.QuantTensor):
+        library()                               # built now, in the loading thread (a Ctrl-C here ends it at once)
     if isinstance(w, formats.QuantExperts):
         w.moe = lambda x, idx, weight, down: experts(x, idx, weight, w, down)
         for part in (p for parts in w.parts for p in parts):
