@@ -54,13 +54,20 @@ def read_trace(path, what: str) -> tuple[dict, list]:
         else:
             raise MinidiffError(f"{what} {p}: tensor {name!r} has dtype {dtype}, which compare does not read")
     order = []
-    try:
+    try:                                    # (deeply nested JSON is a RecursionError: no order, not a crash)
         listed = json.loads(f.metadata.get("order", "[]"))
         order = [n for n in listed if isinstance(n, str) and n in tensors] if isinstance(listed, list) else []
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     order += sorted(set(tensors) - set(order), key=_natural)
     return tensors, order
+
+
+def schema_version(path) -> str | None:
+    """The trace schema version a `minidiff trace` file states (None for another runtime's dump)."""
+    from .weights import SafetensorsFile
+    meta = SafetensorsFile(Path(path)).metadata
+    return str(meta.get("schema_version")) if meta.get("schema") == "minidiff-trace" else None
 
 
 def _natural(name: str):
@@ -77,9 +84,14 @@ def load_map(path) -> list[tuple[re.Pattern, str]]:
     d = parse_json(text, f"--map {path}")
     if not isinstance(d, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in d.items()):
         raise MinidiffError(f"--map {path}: must be a JSON object of name -> name")
+    if len(d) > 100_000 or any(len(k) > 1000 or len(v) > 1000 for k, v in d.items()):
+        raise MinidiffError(f"--map {path}: at most 100,000 names of at most 1,000 characters")
     rules = []
     for b, a in d.items():
-        pattern = re.escape(b).replace(re.escape("{i}"), r"(?P<i>\d+)")
+        if "{i}" in a and "{i}" not in b:
+            raise MinidiffError(f"--map {path}: {a!r} uses {{i}} but {b!r} has no {{i}} to take it from")
+        first, *rest = re.escape(b).split(re.escape("{i}"))      # a second {i} must be the same number
+        pattern = first + "".join(("(?P<i>\\d+)" if j == 0 else "(?P=i)") + part for j, part in enumerate(rest))
         rules.append((re.compile(pattern + "$"), a))
     return rules
 
@@ -112,6 +124,8 @@ def compare_tensor(name: str, a: np.ndarray, b: np.ndarray, rtol: float, atol: f
     if np.issubdtype(a.dtype, np.integer):
         if name.endswith("router_ids"):    # top-k as sets: the order of equal-ranked experts is free
             same = (np.sort(a, axis=-1) == np.sort(b, axis=-1)).all(axis=-1)
+        elif a.size == 0:                   # no rows: nothing to disagree on
+            same = np.ones(0, dtype=bool)
         else:
             same = (a == b).reshape(a.shape[0], -1).all(axis=-1) if a.ndim > 1 else a == b
         agree = float(same.mean()) if same.size else 1.0
@@ -152,7 +166,8 @@ def compare(a: dict, order: list, b: dict, rtol: float = 1e-4, atol: float = 0.0
                 first_bad = name
     return {"rows": rows, "missing_in_b": missing, "extra_in_b": sorted(set(b) - set(order), key=_natural),
             "first_past_tolerance": first_bad, "divergent_input": diverged, "rtol": rtol, "atol": atol,
-            "ok": all(r["ok"] for r in rows) and bool(rows)}
+            "computed": sum(not INPUTS.search(r["name"]) for r in rows),
+            "ok": all(r["ok"] for r in rows) and any(not INPUTS.search(r["name"]) for r in rows)}
 
 
 def format_report(rep: dict, all_rows: bool = False) -> str:
@@ -182,6 +197,8 @@ def format_report(rep: dict, all_rows: bool = False) -> str:
         lines.append(f"inputs differ from {rep['divergent_input']} on: later tensors compare different inputs")
     if not rep["rows"]:
         lines.append("no tensor in common (a --map file names B's tensors in A's terms)")
+    elif not rep["computed"]:
+        lines.append("only inputs (ids) in common: nothing computed was compared (a --map file names B's tensors)")
     return "\n".join(lines)
 
 
@@ -203,8 +220,17 @@ def run(args) -> int:
         v = getattr(args, name)
         if not (np.isfinite(v) and v >= 0):
             raise MinidiffError(f"--{name} must be a number >= 0, got {v}")
+    out = None
+    if args.json:                                    # checked before any work: never one of the inputs
+        out = check_output_file(Path(args.json), "--json")
+        if any(out.resolve() == Path(f).resolve() for f in (args.a, args.b) + ((args.map,) if args.map else ())):
+            raise MinidiffError(f"--json {args.json}: is one of this command's inputs; choose another file")
     a, order = read_trace(args.a, "A")
     b, _ = read_trace(args.b, "B")
+    va, vb = schema_version(args.a), schema_version(args.b)
+    if va is not None and vb is not None and va != vb:
+        raise MinidiffError(f"A is a trace of schema {va}, B of schema {vb}: their names do not mean the same "
+                            "tensors; trace both with the same minidiff")
     if args.map:
         b = rename(b, load_map(args.map))
     if args.only:
@@ -214,7 +240,6 @@ def run(args) -> int:
     rep = compare(a, order, b, args.rtol, args.atol)
     print(format_report(rep, args.all))
     if args.json:
-        out = check_output_file(Path(args.json), "--json")
         write_atomic(out, (json.dumps(rep, indent=1) + "\n").encode())
     sys.stdout.flush()
     return 0 if rep["ok"] else 1

@@ -118,3 +118,56 @@ def test_cli_bad_files_are_one_line(tmp_path):
     p = subprocess.run([sys.executable, "-m", "minidiff", "compare", str(tmp_path), str(junk)],
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "not a regular file" in p.stderr
+
+
+def _cli(*argv):
+    return subprocess.run([sys.executable, "-m", "minidiff", "compare", *map(str, argv)], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_map_patterns_are_validated_and_a_repeated_i_is_one_number(tmp_path, reference):
+    from minidiff.compare import load_map, rename
+    (tmp_path / "m.json").write_text(json.dumps({"h.{i}.x{i}": "denoiser.layers.{i}.hidden"}))
+    rules = load_map(tmp_path / "m.json")                  # {i} twice: the same layer number both times
+    assert list(rename({"h.3.x3": 1, "h.3.x4": 2}, rules)) == ["denoiser.layers.3.hidden", "h.3.x4"]
+    a = _save(tmp_path / "a.safetensors", reference)
+    for bad in ({"h.out": "denoiser.layers.{i}.hidden"}, {"x" * 2000: "y"}):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        p = _cli(a, a, "--map", tmp_path / "bad.json")
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and p.stderr.startswith("minidiff: error: --map")
+
+
+def test_traces_of_two_schema_versions_are_refused(tmp_path, reference):
+    from minidiff.trace import SCHEMA_VERSION
+    for name, version in (("a", SCHEMA_VERSION), ("old", 1)):
+        save_tensors(tmp_path / f"{name}.safetensors", reference,
+                     {"schema": "minidiff-trace", "schema_version": str(version), "order": json.dumps(list(reference))})
+    assert _cli(tmp_path / "a.safetensors", tmp_path / "a.safetensors").returncode == 0
+    p = _cli(tmp_path / "a.safetensors", tmp_path / "old.safetensors")
+    assert p.returncode == 2 and "schema 2, B of schema 1" in p.stderr and p.stdout == ""
+
+
+def test_only_inputs_in_common_is_not_a_pass(tmp_path, reference):
+    a = _save(tmp_path / "a.safetensors", reference)
+    from minidiff.compare import INPUTS
+    ids = {k: v for k, v in reference.items() if INPUTS.search(k)}
+    assert ids
+    b = _save(tmp_path / "b.safetensors", ids)
+    p = _cli(a, b)
+    assert p.returncode == 1 and "only inputs (ids) in common" in p.stdout
+
+
+def test_nested_order_metadata_and_empty_id_tensors(tmp_path):
+    from safetensors.numpy import save_file
+    t = {"x.ids": np.zeros((0, 3), np.int64), "y": np.ones(4, np.float32)}
+    save_file(t, str(tmp_path / "a.safetensors"), metadata={"order": "[" * 100_000 + "]" * 100_000})
+    p = _cli(tmp_path / "a.safetensors", tmp_path / "a.safetensors")
+    assert p.returncode == 0 and "2/2 tensors within tolerance" in p.stdout, p.stderr
+
+
+def test_json_report_never_replaces_an_input(tmp_path, reference):
+    a = _save(tmp_path / "a.safetensors", reference)
+    before = Path(a).read_bytes()
+    p = _cli(a, a, "--json", a)
+    assert p.returncode == 2 and "one of this command's inputs" in p.stderr and p.stdout == ""
+    assert Path(a).read_bytes() == before
